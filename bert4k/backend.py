@@ -1,0 +1,178 @@
+"""Activations and tensor helpers on `keras.ops`, so every backend runs the same model code."""
+
+import math
+
+import keras
+from keras import ops
+
+# Additive bias for masked attention logits. Large enough to zero a softmax entry, small enough to
+# stay finite in float16/bfloat16 after being added to a logit.
+MASK_BIAS = -1e4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="bert4k")
+def gelu_erf(x):
+    """GELU with the exact erf, as Google BERT and Hugging Face 'gelu'."""
+    return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))
+
+
+@keras.saving.register_keras_serializable(package="bert4k")
+def gelu_tanh(x):
+    """GELU's tanh approximation: Hugging Face 'gelu_new' / 'gelu_pytorch_tanh', GPT-2."""
+    cdf = 0.5 * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return x * cdf
+
+
+@keras.saving.register_keras_serializable(package="bert4k")
+def swish(x):
+    return x * ops.sigmoid(x)
+
+
+ACTIVATIONS = {
+    "gelu": gelu_erf,
+    "gelu_erf": gelu_erf,
+    "gelu_new": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "swish": swish,
+    "silu": swish,
+    "relu": ops.relu,
+    "tanh": ops.tanh,
+    "sigmoid": ops.sigmoid,
+    "softmax": ops.softmax,
+    "linear": None,
+}
+
+
+def get_activation(name):
+    """The activation a config names; Keras's own names and callables pass through."""
+    if name is None or callable(name):
+        return name
+    key = str(name).lower()
+    if key in ACTIVATIONS:
+        return ACTIVATIONS[key] or keras.activations.linear
+    try:
+        return keras.activations.get(name)
+    except ValueError:
+        known = ", ".join(sorted(ACTIVATIONS))
+        raise ValueError(f"Unknown activation {name!r}; expected one of {known}.") from None
+
+
+def activation_name(activation):
+    """A serializable name for an activation given by name or by one of our functions."""
+    if activation is None or isinstance(activation, str):
+        return activation
+    for name, fn in ACTIVATIONS.items():
+        if fn is activation:
+            return name
+    return keras.activations.serialize(activation)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks and attention biases
+# ---------------------------------------------------------------------------------------------------
+
+
+def sequence_masking(x, mask, value=0.0, axis=1):
+    """Set x to `value` where mask (shape [batch, length], 1 = keep) is 0, along `axis`."""
+    if mask is None:
+        return x
+    mask = ops.cast(mask, x.dtype)
+    axis = axis % len(x.shape)
+    for _ in range(axis - 1):
+        mask = ops.expand_dims(mask, 1)
+    while len(mask.shape) < len(x.shape):
+        mask = ops.expand_dims(mask, -1)
+    return x * mask + value * (1 - mask)
+
+
+def padding_bias(token_ids, pad_id=0, dtype="float32"):
+    """[batch, 1, 1, length]: MASK_BIAS on padded keys, 0 elsewhere."""
+    keep = ops.cast(ops.not_equal(token_ids, pad_id), dtype)
+    return ops.expand_dims(ops.expand_dims((1.0 - keep) * MASK_BIAS, 1), 1)
+
+
+def causal_bias(length, dtype="float32"):
+    """[1, 1, length, length]: each query sees itself and earlier keys (language models)."""
+    idx = ops.arange(length)
+    allowed = ops.cast(ops.expand_dims(idx, 1) >= ops.expand_dims(idx, 0), dtype)
+    return ops.reshape((1.0 - allowed) * MASK_BIAS, (1, 1, length, length))
+
+
+def unilm_bias(segment_ids, dtype="float32"):
+    """[batch, 1, length, length]: UniLM seq2seq attention.
+
+    Segment 0 (source) is seen by everyone; segment 1 (target) is seen causally. Equivalent to
+    key position k visible from query q iff cumsum(seg)[k] <= cumsum(seg)[q].
+    """
+    idx = ops.cumsum(ops.cast(segment_ids, "int32"), axis=1)
+    allowed = ops.cast(ops.expand_dims(idx, 1) <= ops.expand_dims(idx, 2), dtype)
+    return ops.expand_dims((1.0 - allowed) * MASK_BIAS, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Position helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embeddings(positions, dim, base=10000.0):
+    """Transformer sinusoidal embeddings for float positions [..., n] -> [..., n, dim], interleaved
+    as (sin, cos) pairs, the layout RoFormer's rotary embedding expects."""
+    freqs = ops.power(base, -2.0 * ops.arange(dim // 2, dtype="float32") / dim)
+    angles = ops.expand_dims(ops.cast(positions, "float32"), -1) * freqs
+    pairs = ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1)
+    return ops.reshape(pairs, ops.concatenate([ops.shape(angles)[:-1], [dim]], axis=0))
+
+
+def apply_rotary(x, sinusoidal):
+    """Rotate pairs (x[2i], x[2i+1]) of x [..., n, d] by the angles in `sinusoidal` [n, d]."""
+    cos = ops.repeat(sinusoidal[..., 1::2], 2, axis=-1)
+    sin = ops.repeat(sinusoidal[..., ::2], 2, axis=-1)
+    x_even, x_odd = x[..., ::2], x[..., 1::2]
+    rotated = ops.reshape(ops.stack([-x_odd, x_even], axis=-1), ops.shape(x))
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------
+
+
+def multilabel_categorical_crossentropy(y_true, y_pred):
+    """Multi-label softmax cross-entropy (Su Jianlin): y_true in {0, 1}, y_pred logits, no
+    threshold to tune; positives are pushed above 0 and negatives below."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    y_pred = (1 - 2 * y_true) * y_pred
+    y_neg = y_pred - y_true * 1e12
+    y_pos = y_pred - (1 - y_true) * 1e12
+    zeros = ops.zeros_like(y_pred[..., :1])
+    neg_loss = ops.logsumexp(ops.concatenate([y_neg, zeros], axis=-1), axis=-1)
+    pos_loss = ops.logsumexp(ops.concatenate([y_pos, zeros], axis=-1), axis=-1)
+    return neg_loss + pos_loss
+
+
+def sparse_multilabel_categorical_crossentropy(y_true, y_pred, mask_zero=False):
+    """The same loss with y_true as indices of the positive classes [..., num_positive]; index 0
+    is padding when mask_zero. Works for huge label spaces without a dense y_true."""
+    zeros = ops.zeros_like(y_pred[..., :1])
+    y_pred = ops.concatenate([y_pred, zeros], axis=-1)
+    if mask_zero:
+        infs = zeros + 1e12
+        y_pred = ops.concatenate([infs, y_pred[..., 1:]], axis=-1)
+    y_pos_2 = ops.take_along_axis(y_pred, ops.cast(y_true, "int32"), axis=-1)
+    y_pos_1 = ops.concatenate([y_pos_2, zeros], axis=-1)
+    if mask_zero:
+        y_pred = ops.concatenate([-infs, y_pred[..., 1:]], axis=-1)
+        y_pos_2 = ops.take_along_axis(y_pred, ops.cast(y_true, "int32"), axis=-1)
+    pos_loss = ops.logsumexp(-y_pos_1, axis=-1)
+    all_loss = ops.logsumexp(y_pred, axis=-1)
+    aux_loss = ops.logsumexp(y_pos_2, axis=-1) - all_loss
+    aux_loss = ops.clip(1 - ops.exp(aux_loss), 1e-7, 1)
+    neg_loss = all_loss + ops.log(aux_loss)
+    return pos_loss + neg_loss

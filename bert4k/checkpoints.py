@@ -1,0 +1,460 @@
+"""Reading and writing checkpoints: Google TF checkpoints, Hugging Face safetensors (and, with
+torch installed, pytorch_model.bin read with weights_only=True).
+
+Weights map by name through one declared table per family: our weight path (layer name /
+weight name, `{i}` for the block index) -> the variable name in Google's release, plus a transform.
+Hugging Face names follow from Google names by a per-family rule. Never by weight order.
+"""
+
+import json
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose variables do not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mapping tables: (our weight path, Google variable name, transform from checkpoint to ours)
+# ---------------------------------------------------------------------------------------------------
+
+TRANSPOSE = "transpose"
+
+BERT_TABLE = [
+    ("Embedding-Token/embeddings", "bert/embeddings/word_embeddings", None),
+    ("Embedding-Segment/embeddings", "bert/embeddings/token_type_embeddings", None),
+    ("Embedding-Position/embeddings", "bert/embeddings/position_embeddings", None),
+    ("Embedding-Norm/gamma", "bert/embeddings/LayerNorm/gamma", None),
+    ("Embedding-Norm/beta", "bert/embeddings/LayerNorm/beta", None),
+]
+for ours, google in [
+    ("MultiHeadSelfAttention/q_dense", "attention/self/query"),
+    ("MultiHeadSelfAttention/k_dense", "attention/self/key"),
+    ("MultiHeadSelfAttention/v_dense", "attention/self/value"),
+    ("MultiHeadSelfAttention/o_dense", "attention/output/dense"),
+    ("FeedForward/i0_dense", "intermediate/dense"),
+    ("FeedForward/o_dense", "output/dense"),
+]:
+    for weight in ("kernel", "bias"):
+        BERT_TABLE.append(
+            (f"Transformer-{{i}}-{ours}/{weight}", f"bert/encoder/layer_{{i}}/{google}/{weight}", None)
+        )
+for ours, google in [
+    ("MultiHeadSelfAttention-Norm", "attention/output/LayerNorm"),
+    ("FeedForward-Norm", "output/LayerNorm"),
+]:
+    for weight in ("gamma", "beta"):
+        BERT_TABLE.append(
+            (f"Transformer-{{i}}-{ours}/{weight}", f"bert/encoder/layer_{{i}}/{google}/{weight}", None)
+        )
+BERT_TABLE += [
+    ("Pooler-Dense/kernel", "bert/pooler/dense/kernel", None),
+    ("Pooler-Dense/bias", "bert/pooler/dense/bias", None),
+    # Google stores the NSP matrix as [2, hidden], not as a [hidden, 2] kernel.
+    ("NSP-Proba/kernel", "cls/seq_relationship/output_weights", TRANSPOSE),
+    ("NSP-Proba/bias", "cls/seq_relationship/output_bias", None),
+    ("MLM-Dense/kernel", "cls/predictions/transform/dense/kernel", None),
+    ("MLM-Dense/bias", "cls/predictions/transform/dense/bias", None),
+    ("MLM-Norm/gamma", "cls/predictions/transform/LayerNorm/gamma", None),
+    ("MLM-Norm/beta", "cls/predictions/transform/LayerNorm/beta", None),
+    ("MLM-Bias/bias", "cls/predictions/output_bias", None),
+]
+
+
+def bert_hf_name(google_name):
+    """Google BERT name -> (Hugging Face name, whether HF stores it transposed relative to Google).
+
+    HF Linear layers keep [out, in] matrices where Google keeps [in, out] kernels.
+    """
+    special = {
+        "cls/predictions/output_bias": "cls.predictions.bias",
+        "cls/seq_relationship/output_weights": "cls.seq_relationship.weight",
+        "cls/seq_relationship/output_bias": "cls.seq_relationship.bias",
+    }
+    if google_name in special:
+        return special[google_name], False
+    name = re.sub(r"layer_(\d+|\{i\})", r"layer.\1", google_name)
+    transposed = name.endswith("/kernel")
+    name = re.sub(r"/(kernel|gamma)$", "/weight", name)
+    name = re.sub(r"/beta$", "/bias", name)
+    if name.endswith("_embeddings"):
+        name += "/weight"
+    return name.replace("/", "."), transposed
+
+
+FAMILIES = {
+    # family: (table, HF name rule, Google top scope, HF base-model prefix)
+    "bert": (BERT_TABLE, bert_hf_name, "bert", "bert."),
+}
+
+# Variables that belong to training, not to the model: optimizer slots, step counters, buffers.
+IGNORED_GOOGLE = re.compile(r"(adam_[mv]|global_step|good_steps|bad_steps|loss_scale|Momentum)")
+IGNORED_HF = re.compile(r"(position_ids$|cls\.predictions\.decoder\.(weight|bias)$)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------------
+
+
+class Reader:
+    """Names and shapes of a checkpoint's variables, and their values on demand."""
+
+    layout = None  # "google" or "huggingface"
+
+    def __init__(self, path):
+        self.path = path
+        self.shapes = {}
+
+    def read(self, name):
+        raise NotImplementedError
+
+
+class GoogleReader(Reader):
+    layout = "google"
+
+    def __init__(self, prefix):
+        super().__init__(prefix)
+        import tensorflow as tf
+
+        self._errors = tf.errors.OpError
+        try:
+            self._reader = tf.train.load_checkpoint(prefix)
+            self.shapes = {
+                name: tuple(shape)
+                for name, shape in self._reader.get_variable_to_shape_map().items()
+            }
+        except (self._errors, ValueError) as e:
+            raise CheckpointError(f"Cannot read TF checkpoint {prefix!r}: {_message(e)}") from None
+
+    def read(self, name):
+        try:
+            return self._reader.get_tensor(name)
+        except self._errors as e:
+            raise CheckpointError(
+                f"Cannot read variable {name!r} from TF checkpoint {self.path!r} "
+                f"(truncated or corrupt data file?): {_message(e)}"
+            ) from None
+
+
+class SafetensorsReader(Reader):
+    layout = "huggingface"
+
+    def __init__(self, paths):
+        super().__init__(paths[0] if len(paths) == 1 else os.path.dirname(paths[0]))
+        from safetensors import safe_open
+
+        self._files = {}
+        for path in paths:
+            try:
+                handle = safe_open(path, framework="numpy")
+                for name in handle.keys():
+                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+                    self._files[name] = handle
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"Cannot read safetensors file {path!r}: {e}") from None
+
+    def read(self, name):
+        try:
+            return self._files[name].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(
+                f"Cannot read tensor {name!r} from {self.path!r} (truncated file?): {e}"
+            ) from None
+
+
+class TorchReader(Reader):
+    layout = "huggingface"
+
+    def __init__(self, path):
+        super().__init__(path)
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(
+                f"{path!r} is a PyTorch pickle. bert4k never unpickles weight files without torch's "
+                "safe loader: install torch (pip install torch==2.13.0 for the CPU build) or convert "
+                "it to safetensors with: python -c \"import torch, safetensors.torch as s; "
+                f"s.save_file(torch.load({path!r}, weights_only=True), 'model.safetensors')\""
+            ) from None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"Cannot read PyTorch weights {path!r}: {e}") from None
+        self._tensors = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                         for k, v in state.items()}
+        self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def read(self, name):
+        return self._tensors[name]
+
+
+def open_checkpoint(path):
+    """A Reader for a Google checkpoint prefix, a HF directory, a .safetensors or .bin file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _open_directory(path)
+    if path.endswith(".safetensors"):
+        _require_file(path)
+        return SafetensorsReader([path])
+    if path.endswith((".bin", ".pt", ".pth")):
+        _require_file(path)
+        return TorchReader(path)
+    if path.endswith(".index"):
+        path = path[: -len(".index")]
+    if os.path.exists(path + ".index"):
+        return GoogleReader(path)
+    raise FileNotFoundError(
+        f"No checkpoint at {path!r}: expected a Google checkpoint prefix (with {path}.index and "
+        "data files beside it), a .safetensors file, or a Hugging Face model directory."
+    )
+
+
+def _open_directory(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return SafetensorsReader([os.path.join(path, s) for s in shards])
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return open_checkpoint(os.path.join(path, name))
+    prefixes = sorted(f[: -len(".index")] for f in os.listdir(path) if f.endswith(".index"))
+    if prefixes:
+        return GoogleReader(os.path.join(path, prefixes[-1]))
+    raise FileNotFoundError(
+        f"No weights in directory {path!r}: looked for model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin and *.ckpt.index."
+    )
+
+
+def _require_file(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint file not found: {path!r}.")
+
+
+def _message(error):
+    return getattr(error, "message", None) or str(error)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Name mapping
+# ---------------------------------------------------------------------------------------------------
+
+
+class Mapping:
+    """One family's table, compiled for one layout, in both directions."""
+
+    def __init__(self, family, layout):
+        if family not in FAMILIES:
+            raise ValueError(f"No checkpoint table for family {family!r}; known: {sorted(FAMILIES)}.")
+        table, hf_name, _, _ = FAMILIES[family]
+        self.rows = []
+        for ours, google, transform in table:
+            name, transposed = google, False
+            if layout == "huggingface":
+                name, transposed = hf_name(google)
+            if transposed:
+                transform = None if transform == TRANSPOSE else TRANSPOSE
+            self.rows.append((_pattern(ours), _pattern(name), ours, name, transform))
+
+    def checkpoint_name(self, weight_path):
+        """(checkpoint name, transform) for one of our weight paths, or None if undeclared."""
+        for ours_re, _, _, name, transform in self.rows:
+            match = ours_re.fullmatch(weight_path)
+            if match:
+                return name.replace("{i}", match.group("i") if "{i}" in name else ""), transform
+        return None
+
+    def weight_path(self, checkpoint_name):
+        """(our weight path, whether it is per-block) for a checkpoint name, or None."""
+        for _, name_re, ours, name, _ in self.rows:
+            match = name_re.fullmatch(checkpoint_name)
+            if match:
+                per_block = "{i}" in ours
+                return ours.replace("{i}", match.group("i") if per_block else ""), per_block
+        return None
+
+
+def _pattern(template):
+    parts = template.split("{i}")
+    return re.compile(r"(?P<i>\d+)".join(re.escape(p) for p in parts))
+
+
+def _normalize_hf_names(shapes, base_prefix):
+    """Map canonical HF names (with the base-model prefix, LayerNorm weight/bias) to the
+    checkpoint's own spelling, so 'bert.'-less files and old gamma/beta files both read."""
+    prefixed = any(n.startswith(base_prefix) for n in shapes)
+    canonical = {}
+    for name in shapes:
+        full = name
+        if not prefixed and not name.startswith("cls."):
+            full = base_prefix + name
+        full = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", full)
+        full = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", full)
+        canonical[full] = name
+    return canonical
+
+
+def _transform(value, transform):
+    return value.T if transform == TRANSPOSE else value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invalid_weights=False):
+    """Assign every model weight from the checkpoint, by name; report all problems at once."""
+    reader = open_checkpoint(checkpoint_path)
+    mapping = Mapping(family, reader.layout)
+    if reader.layout == "huggingface":
+        names = _normalize_hf_names(reader.shapes, FAMILIES[family][3])
+        ignored = IGNORED_HF
+    else:
+        names = {n: n for n in reader.shapes}
+        ignored = IGNORED_GOOGLE
+    weights = {_strip(w.path, prefix): w for w in model.weights}
+
+    assignments, missing, mismatched = [], [], []
+    for path, variable in weights.items():
+        found = mapping.checkpoint_name(path)
+        if found is None:
+            missing.append(f"  {path} {tuple(variable.shape)}: not in the {family!r} mapping table")
+            continue
+        name, transform = found
+        if name not in names:
+            missing.append(f"  {name} (for {path}, shape {tuple(variable.shape)})")
+            continue
+        stored = reader.shapes[names[name]]
+        expected = tuple(variable.shape)
+        shape = stored[::-1] if transform == TRANSPOSE else stored
+        if tuple(shape) != expected:
+            mismatched.append(
+                f"  {name}: checkpoint shape {stored}, model {path} needs "
+                f"{expected[::-1] if transform == TRANSPOSE else expected}"
+            )
+            continue
+        assignments.append((variable, names[name], transform))
+
+    unexpected = []
+    for canonical, stored_name in sorted(names.items()):
+        if ignored.search(canonical):
+            continue
+        found = mapping.weight_path(canonical)
+        if found is None or (found[1] and found[0] not in weights):
+            unexpected.append(f"  {stored_name} {reader.shapes[stored_name]}")
+
+    problems = _report(reader, family, missing, unexpected, mismatched, bool(assignments))
+    if problems and not ignore_invalid_weights:
+        raise CheckpointError(problems)
+    if problems:
+        warnings.warn(problems + "\nThose weights keep their initial values.", stacklevel=2)
+    for variable, stored_name, transform in assignments:
+        value = _transform(reader.read(stored_name), transform)
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def _strip(path, prefix):
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path
+
+
+def _report(reader, family, missing, unexpected, mismatched, anything_matched):
+    if not (missing or unexpected or mismatched):
+        return ""
+    lines = [f"Checkpoint {reader.path!r} ({reader.layout} layout) does not fit this {family!r} model:"]
+    for title, items in [
+        ("missing from the checkpoint", missing),
+        ("in the checkpoint but not in the model", unexpected),
+        ("shape mismatch", mismatched),
+    ]:
+        if items:
+            lines.append(f"{len(items)} {title}:")
+            lines.extend(items)
+    if not anything_matched:
+        sample = ", ".join(sorted(reader.shapes)[:5])
+        lines.append(
+            f"No variable matched: this looks like a checkpoint of another family or layout "
+            f"(its variables start with: {sample})."
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def checkpoint_variables(model, family="bert", layout="google", prefix=""):
+    """{checkpoint name: numpy value} for every weight of the model, in the given layout."""
+    mapping = Mapping(family, layout)
+    variables = {}
+    for weight in model.weights:
+        path = _strip(weight.path, prefix)
+        found = mapping.checkpoint_name(path)
+        if found is None:
+            raise CheckpointError(
+                f"Weight {path!r} has no name in the {family!r} checkpoint table; "
+                "only the family's own layers can be written."
+            )
+        name, transform = found
+        variables[name] = np.ascontiguousarray(_transform(np.asarray(weight.numpy()), transform))
+    return variables
+
+
+def _atomic_files(final_paths, write):
+    """Run write(temp_dir) that creates files named like final_paths' basenames, then move them
+    into place only if it succeeded: an interrupted save leaves no half-written checkpoint."""
+    directory = os.path.dirname(os.path.abspath(final_paths[0]))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".bert4k-save-") as tmp:
+        write(tmp)
+        for final in final_paths:  # data before index: a reader never sees an index alone
+            os.replace(os.path.join(tmp, os.path.basename(final)), final)
+
+
+def save_weights_as_checkpoint(model, checkpoint_prefix, family="bert", prefix=""):
+    """Write a Google-format TF checkpoint (bert_model.ckpt.index / .data-00000-of-00001) with
+    Google's variable names, readable by tf.train.load_checkpoint and TF1 Savers alike."""
+    import tensorflow as tf
+
+    model, family, prefix = _unwrap(model, family, prefix)
+    variables = checkpoint_variables(model, family, "google", prefix)
+    checkpoint_prefix = os.fspath(checkpoint_prefix)
+    base = os.path.basename(checkpoint_prefix)
+
+    def write(tmp):
+        names = sorted(variables)
+        tf.raw_ops.SaveV2(
+            prefix=os.path.join(tmp, base),
+            tensor_names=names,
+            shape_and_slices=[""] * len(names),
+            tensors=[tf.constant(variables[n]) for n in names],
+        )
+
+    _atomic_files([checkpoint_prefix + ".data-00000-of-00001", checkpoint_prefix + ".index"], write)
+
+
+def save_weights_as_safetensors(model, path, family="bert", prefix=""):
+    """Write model.safetensors with Hugging Face names (BertForPreTraining layout, 'bert.' prefix),
+    which transformers' BertModel.from_pretrained reads."""
+    from safetensors.numpy import save_file
+
+    model, family, prefix = _unwrap(model, family, prefix)
+    variables = checkpoint_variables(model, family, "huggingface", prefix)
+    path = os.fspath(path)
+    _atomic_files([path], lambda tmp: save_file(variables, os.path.join(tmp, os.path.basename(path)),
+                                                metadata={"format": "pt"}))
+
+
+def _unwrap(model, family, prefix):
+    """Accept a Transformer builder (which knows its family and prefix) or a Keras model."""
+    if hasattr(model, "family") and hasattr(model, "model"):
+        return model.model, model.family, model.prefix
+    return model, family, prefix

@@ -1,0 +1,103 @@
+"""Reading model configs (Google `bert_config.json`, Hugging Face `config.json`) into builder
+arguments. Kept apart from models.py because the key aliases and the lists of metadata keys are
+about file formats, not about the network."""
+
+import json
+import os
+
+# File key -> builder argument.
+ALIASES = {
+    "hidden_dropout_prob": "dropout_rate",
+    "attention_probs_dropout_prob": "attention_dropout_rate",
+    "max_position_embeddings": "max_position",
+    "type_vocab_size": "segment_vocab_size",
+    "layer_norm_eps": "layer_norm_epsilon",
+    "layer_norm_epsilon": "layer_norm_epsilon",
+}
+
+# Keys that describe training runs, tokenizers or generation, not the network: accepted in a file
+# and dropped. Anything else unknown is an error, so a typo never silently changes the model.
+METADATA_KEYS = frozenset(
+    """
+    _name_or_path architectures model_type transformers_version torch_dtype dtype use_cache
+    gradient_checkpointing classifier_dropout output_past id2label label2id num_labels
+    finetuning_task problem_type output_hidden_states output_attentions return_dict is_decoder
+    add_cross_attention tie_word_embeddings bos_token_id eos_token_id sep_token_id
+    decoder_start_token_id tokenizer_class prefix task_specific_params chunk_size_feed_forward
+    pruned_heads torchscript use_bfloat16 tf_legacy_loss cross_attention_hidden_size
+    is_encoder_decoder max_length min_length do_sample early_stopping num_beams temperature top_k
+    top_p repetition_penalty length_penalty no_repeat_ngram_size bad_words_ids
+    num_return_sequences output_scores return_dict_in_generate forced_bos_token_id
+    forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
+    begin_suppress_tokens diversity_penalty num_beam_groups typical_p
+    encoder_no_repeat_ngram_size _attn_implementation_autoset _attn_implementation
+    directionality pooler_fc_size pooler_num_attention_heads pooler_num_fc_layers
+    pooler_size_per_head pooler_type
+    """.split()
+)
+
+# Hugging Face model_type -> the bert4k model names that can read such a checkpoint.
+COMPATIBLE_MODEL_TYPES = {
+    "bert": {"bert", "roberta", "nezha"},
+    "roberta": {"roberta", "bert"},
+    "albert": {"albert", "albert_unshared"},
+    "electra": {"electra"},
+    "roformer": {"roformer", "roformer_v2"},
+    "gpt2": {"gpt2"},
+    "openai-gpt": {"gpt"},
+    "t5": {"t5", "t5.1.1", "mt5.1.1"},
+    "mt5": {"mt5.1.1", "t5.1.1"},
+}
+
+
+def read_config_file(path):
+    """The JSON object in `path`, with errors that name the file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("config.json", "bert_config.json"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"No config.json or bert_config.json in directory {path!r}.")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Config file not found: {path!r}.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Config file {path!r} is not valid JSON: {e}.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"Config file {path!r} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def config_to_arguments(config, model, source="config"):
+    """Translate file keys into builder arguments; reject a config of another architecture and
+    validate settings we cannot honour."""
+    model_type = config.get("model_type")
+    allowed = COMPATIBLE_MODEL_TYPES.get(model_type)
+    if allowed is not None and isinstance(model, str) and model not in allowed:
+        raise ValueError(
+            f"{source} describes a {model_type!r} model but model={model!r} was asked for; "
+            f"build it with model={sorted(allowed)[0]!r}."
+        )
+    position_type = config.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise ValueError(
+            f"{source}: position_embedding_type={position_type!r} is not supported; "
+            "only 'absolute' positions (use model='nezha' for relative positions)."
+        )
+    arguments = {}
+    for key, value in config.items():
+        if key in METADATA_KEYS or key == "position_embedding_type":
+            continue
+        arguments[ALIASES.get(key, key)] = value
+    return arguments
+
+
+def load_config(config_path, model):
+    if config_path is None:
+        return {}
+    return config_to_arguments(read_config_file(config_path), model, source=os.fspath(config_path))

@@ -1,0 +1,306 @@
+"""The Transformer builder, its families, and `build_transformer_model`.
+
+A `Transformer` assembles a functional Keras model from hooks (inputs, embeddings, one block,
+final layers, attention bias). Every layer goes through `apply()`, which keeps layers by name:
+applying a name twice reuses the layer, which is how weights are shared, tied and prefixed.
+"""
+
+import inspect
+
+import keras
+
+from bert4k import backend as K
+from bert4k import checkpoints, configs
+from bert4k import layers as L
+
+APPLICATIONS = {"encoder": "padding", "lm": "causal", "unilm": "unilm"}
+
+
+class Transformer:
+    """Base builder: an embedding stack, `num_hidden_layers` blocks and a family's final layers."""
+
+    family = None  # the checkpoint mapping table (checkpoints.TABLES) this model reads and writes
+
+    def __init__(
+        self,
+        vocab_size,
+        hidden_size,
+        num_hidden_layers,
+        num_attention_heads,
+        intermediate_size,
+        hidden_act="gelu",
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        embedding_size=None,
+        attention_head_size=None,
+        attention_key_size=None,
+        sequence_length=None,
+        max_position=512,
+        segment_vocab_size=2,
+        layer_norm_epsilon=1e-12,
+        initializer_range=0.02,
+        pad_token_id=0,
+        application="encoder",
+        ignore_invalid_weights=False,
+        prefix=None,
+        name=None,
+    ):
+        if application not in APPLICATIONS:
+            raise ValueError(
+                f"Unknown application {application!r}; expected one of {sorted(APPLICATIONS)}."
+            )
+        if hidden_size % num_attention_heads and attention_head_size is None:
+            raise ValueError(
+                f"hidden_size={hidden_size} is not a multiple of "
+                f"num_attention_heads={num_attention_heads}; give attention_head_size."
+            )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.attention_head_size = attention_head_size or hidden_size // num_attention_heads
+        self.attention_key_size = attention_key_size or self.attention_head_size
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.dropout_rate = dropout_rate or 0.0
+        self.attention_dropout_rate = attention_dropout_rate or 0.0
+        self.embedding_size = embedding_size or hidden_size
+        self.sequence_length = sequence_length
+        self.max_position = max_position
+        self.segment_vocab_size = segment_vocab_size
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.initializer_range = initializer_range
+        self.pad_token_id = pad_token_id
+        self.application = application
+        self.ignore_invalid_weights = ignore_invalid_weights
+        self.prefix = prefix or ""
+        self.name = name
+        self.layers = {}
+        self.model = None
+
+    @classmethod
+    def accepted_arguments(cls):
+        """Every keyword the class chain accepts: the builder rejects anything else."""
+        names = set()
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                params = inspect.signature(klass.__init__).parameters
+                names.update(p for p in params if p not in ("self", "args", "kwargs"))
+        return names
+
+    # -- assembly ---------------------------------------------------------------------------------
+
+    def build(self):
+        inputs = self.get_inputs()
+        self.attention_bias = self.compute_attention_bias(inputs)
+        x = self.apply_embeddings(inputs)
+        for index in range(self.num_hidden_layers):
+            x = self.apply_main_layers(x, index)
+        outputs = self.apply_final_layers(x)
+        self.model = keras.Model(inputs, outputs, name=self.name)
+        return self.model
+
+    def apply(self, inputs=None, layer=None, arguments=None, **kwargs):
+        """Call the layer registered under kwargs['name'] (prefixed), creating it on first use.
+
+        With inputs=None the layer itself is returned (for tying, e.g. the MLM head's use of
+        Embedding-Token's table).
+        """
+        name = self.prefix + kwargs.pop("name")
+        if name not in self.layers:
+            self.layers[name] = layer(name=name, **kwargs)
+        if inputs is None:
+            return self.layers[name]
+        return self.layers[name](inputs, **(arguments or {}))
+
+    @property
+    def initializer(self):
+        return keras.initializers.TruncatedNormal(stddev=self.initializer_range)
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def get_inputs(self):
+        raise NotImplementedError
+
+    def compute_attention_bias(self, inputs):
+        """The attention bias every block uses: padding, plus causal or UniLM masks."""
+        mode = APPLICATIONS[self.application]
+        bias_inputs = inputs if mode == "unilm" else inputs[0]
+        return self.apply(
+            bias_inputs, L.AttentionBias, mode=mode, pad_id=self.pad_token_id, name="Attention-Mask"
+        )
+
+    def apply_embeddings(self, inputs):
+        raise NotImplementedError
+
+    def apply_main_layers(self, x, index):
+        raise NotImplementedError
+
+    def apply_final_layers(self, x):
+        raise NotImplementedError
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def load_weights_from_checkpoint(self, checkpoint_path):
+        checkpoints.load_weights(self.model, checkpoint_path, self.family, prefix=self.prefix,
+                                 ignore_invalid_weights=self.ignore_invalid_weights)
+
+    def save_weights_as_checkpoint(self, checkpoint_prefix):
+        checkpoints.save_weights_as_checkpoint(self.model, checkpoint_prefix, self.family,
+                                               prefix=self.prefix)
+
+
+class BERT(Transformer):
+    """Google BERT: post-LayerNorm blocks, learned absolute positions, pooler, NSP and MLM heads."""
+
+    family = "bert"
+
+    def __init__(self, with_pool=False, with_nsp=False, with_mlm=False, **kwargs):
+        super().__init__(**kwargs)
+        self.with_pool = with_pool or with_nsp
+        self.with_nsp = with_nsp
+        self.with_mlm = with_mlm
+
+    def get_inputs(self):
+        shape = (self.sequence_length,)
+        inputs = [keras.Input(shape, dtype="int32", name=self.prefix + "Input-Token")]
+        if self.segment_vocab_size > 0:
+            inputs.append(keras.Input(shape, dtype="int32", name=self.prefix + "Input-Segment"))
+        return inputs
+
+    def apply_embeddings(self, inputs):
+        x = self.apply(inputs[0], L.Embedding, input_dim=self.vocab_size,
+                       output_dim=self.embedding_size, embeddings_initializer=self.initializer,
+                       name="Embedding-Token")
+        if self.segment_vocab_size > 0:
+            s = self.apply(inputs[1], L.Embedding, input_dim=self.segment_vocab_size,
+                           output_dim=self.embedding_size,
+                           embeddings_initializer=self.initializer, name="Embedding-Segment")
+            x = self.apply([x, s], keras.layers.Add, name="Embedding-Token-Segment")
+        x = self.apply(x, L.PositionEmbedding, input_dim=self.max_position,
+                       output_dim=self.embedding_size, embeddings_initializer=self.initializer,
+                       name="Embedding-Position")
+        x = self.apply(x, L.LayerNormalization, epsilon=self.layer_norm_epsilon,
+                       name="Embedding-Norm")
+        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Embedding-Dropout")
+        if self.embedding_size != self.hidden_size:
+            x = self.apply(x, keras.layers.Dense, units=self.hidden_size,
+                           kernel_initializer=self.initializer, name="Embedding-Mapping")
+        return x
+
+    def apply_main_layers(self, x, index):
+        attention = f"Transformer-{index}-MultiHeadSelfAttention"
+        feed_forward = f"Transformer-{index}-FeedForward"
+        x = self.apply_residual(
+            x, [x, x, x], L.MultiHeadAttention, attention,
+            arguments={"bias": self.attention_bias},
+            heads=self.num_attention_heads, head_size=self.attention_head_size,
+            key_size=self.attention_key_size, attention_dropout=self.attention_dropout_rate,
+            kernel_initializer=self.initializer,
+        )
+        return self.apply_residual(
+            x, x, L.FeedForward, feed_forward, units=self.intermediate_size,
+            activation=self.hidden_act, kernel_initializer=self.initializer,
+        )
+
+    def apply_residual(self, x, sublayer_inputs, layer, name, arguments=None, **kwargs):
+        """sublayer -> dropout -> add the input -> LayerNorm (BERT's post-norm residual)."""
+        h = self.apply(sublayer_inputs, layer, arguments, name=name, **kwargs)
+        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
+        h = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
+        return self.apply(h, L.LayerNormalization, epsilon=self.layer_norm_epsilon,
+                          name=f"{name}-Norm")
+
+    def apply_final_layers(self, x):
+        """bert4keras's output convention: the sequence alone; with heads, only the heads."""
+        outputs = [x]
+        if self.with_pool:
+            outputs.append(self.apply_pooler(x))
+        if self.with_mlm:
+            outputs.append(self.apply_mlm(x))
+        if len(outputs) == 1:
+            return outputs[0]
+        if len(outputs) == 2:
+            return outputs[1]
+        return outputs[1:]
+
+    def apply_pooler(self, x):
+        pool_activation = "tanh" if self.with_pool is True else self.with_pool
+        x = self.apply(x, L.SelectToken, index=0, name="Pooler")
+        x = self.apply(x, keras.layers.Dense, units=self.hidden_size,
+                       activation=K.get_activation(pool_activation),
+                       kernel_initializer=self.initializer, name="Pooler-Dense")
+        if self.with_nsp:
+            x = self.apply(x, keras.layers.Dense, units=2, activation="softmax",
+                           kernel_initializer=self.initializer, name="NSP-Proba")
+        return x
+
+    def apply_mlm(self, x):
+        mlm_activation = "softmax" if self.with_mlm is True else self.with_mlm
+        x = self.apply(x, keras.layers.Dense, units=self.embedding_size,
+                       activation=K.get_activation(self.hidden_act),
+                       kernel_initializer=self.initializer, name="MLM-Dense")
+        x = self.apply(x, L.LayerNormalization, epsilon=self.layer_norm_epsilon, name="MLM-Norm")
+        x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
+        x = self.apply(x, L.BiasAdd, name="MLM-Bias")
+        return self.apply(x, L.Activation, activation=mlm_activation, name="MLM-Activation")
+
+
+MODELS = {"bert": BERT}
+
+
+def build_transformer_model(
+    config_path=None,
+    checkpoint_path=None,
+    model="bert",
+    application="encoder",
+    return_keras_model=True,
+    **kwargs,
+):
+    """Build a model from a config file (Google or Hugging Face) and keyword overrides, and load
+    a checkpoint (Google TF checkpoint prefix, Hugging Face directory or .safetensors file)."""
+    model_class = resolve_model_class(model)
+    arguments = configs.load_config(config_path, model)
+    arguments.update(kwargs)
+    arguments["application"] = application
+    check_arguments(model_class, arguments, config_path)
+    transformer = model_class(**arguments)
+    transformer.build()
+    if checkpoint_path is not None:
+        transformer.load_weights_from_checkpoint(checkpoint_path)
+    return transformer.model if return_keras_model else transformer
+
+
+def resolve_model_class(model):
+    if isinstance(model, type) and issubclass(model, Transformer):
+        return model
+    if isinstance(model, str) and model.lower() in MODELS:
+        return MODELS[model.lower()]
+    raise ValueError(
+        f"Unknown model {model!r}; expected one of {sorted(MODELS)} or a Transformer subclass."
+    )
+
+
+def check_arguments(model_class, arguments, config_path):
+    accepted = model_class.accepted_arguments()
+    unknown = sorted(set(arguments) - accepted)
+    if unknown:
+        source = f"config {config_path!r} and keyword arguments" if config_path else "keyword arguments"
+        raise TypeError(
+            f"Unknown {source} for {model_class.__name__}: {unknown}. "
+            f"Accepted: {sorted(accepted)}."
+        )
+    required = {
+        name
+        for klass in model_class.__mro__
+        if "__init__" in vars(klass)
+        for name, p in inspect.signature(klass.__init__).parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind == p.POSITIONAL_OR_KEYWORD
+        and name != "self"
+    }
+    missing = sorted(required - set(arguments))
+    if missing:
+        raise ValueError(
+            f"Missing model settings {missing}: give a config_path (bert_config.json or "
+            "config.json) or pass them as keyword arguments."
+        )
