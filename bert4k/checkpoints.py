@@ -135,7 +135,7 @@ class GoogleReader(Reader):
     def read(self, name):
         try:
             return self._reader.get_tensor(name)
-        except self._errors as e:
+        except Exception as e:  # OpError, or IndexError for a short data file
             raise CheckpointError(
                 f"Cannot read variable {name!r} from TF checkpoint {self.path!r} "
                 f"(truncated or corrupt data file?): {_message(e)}"
@@ -356,8 +356,9 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
         raise CheckpointError(problems)
     if problems:
         warnings.warn(problems + "\nThose weights keep their initial values.", stacklevel=2)
-    for variable, stored_name, transform in assignments:
-        value = _transform(reader.read(stored_name), transform)
+    # Read everything before assigning anything: a corrupt file leaves the model untouched.
+    values = [_transform(reader.read(name), transform) for _, name, transform in assignments]
+    for (variable, _, _), value in zip(assignments, values):
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
 

@@ -80,7 +80,7 @@ def _drop_mn_rule(ch):
 _CLEAN = _CharTable(_clean_rule)
 _SPLIT = _CharTable(_split_rule)
 _DROP_MN = _CharTable(_drop_mn_rule)
-_SPLIT_DROP_MN = _CharTable(lambda ch: _drop_mn_rule(ch) and _split_rule(ch))
+_SPLIT_DROP_MN = _CharTable(lambda ch: None if _drop_mn_rule(ch) is None else _split_rule(ch))
 
 
 def _is_word_boundary(ch):
@@ -140,20 +140,19 @@ def save_vocab(dict_path, token_dict, encoding='utf-8'):
 
 
 def _truncate_longest_first(maxlen, index, *sequences):
-    """Shorten the longest sequence (the first one on ties) one item at a time at position `index`,
-    until the total length is at most maxlen, as bert4keras's truncate_sequences; returns new lists."""
-    sequences = [list(s) for s in sequences if s]
-    lengths = [len(s) for s in sequences]
+    """Shorten the longest sequence (the first one on ties) one item at a time at position `index`
+    until the total length is at most maxlen, as bert4keras's truncate_sequences; None stays None."""
+    lengths = [len(s) if s else 0 for s in sequences]
     while sum(lengths) > maxlen:
         lengths[lengths.index(max(lengths))] -= 1
     result = []
     for sequence, length in zip(sequences, lengths):
-        cut = len(sequence) - length
-        if cut and length < (index + 1 if index >= 0 else -index - 1):
-            raise ValueError(f'maxlen={maxlen} leaves no room for the special tokens')
+        cut = len(sequence) - length if sequence else 0
         if cut:
             start = index if index >= 0 else len(sequence) + index + 1 - cut
-            del sequence[start:start + cut]
+            if start < 0 or start + cut > len(sequence):
+                raise ValueError(f'maxlen={maxlen} leaves no room for the special tokens')
+            sequence = sequence[:start] + sequence[start + cut:]
         result.append(sequence)
     return result
 
@@ -194,8 +193,7 @@ class TokenizerBase:
         second = None
         if second_text is not None:
             second = self.tokenize(second_text) if isinstance(second_text, str) else list(second_text)
-            if pattern == 'S*E*E' and self._token_start is not None:
-                second = second[1:]  # dropped before truncating, so maxlen counts what is returned
+        drop_second_start = pattern == 'S*E*E' and second is not None and self._token_start is not None
         if maxlen is not None:
             if truncate_from == 'right':
                 index = -int(self._token_end is not None) - 1
@@ -203,13 +201,14 @@ class TokenizerBase:
                 index = int(self._token_start is not None)
             else:
                 index = truncate_from
-            truncated = _truncate_longest_first(maxlen, index, first, second)
-            first, second = (truncated + [None])[:2] if first else (None, truncated[0])
-        token_ids = self.tokens_to_ids(first or [])
+            # B's start token still counts here and goes afterwards, as in bert4keras.
+            first, second = _truncate_longest_first(maxlen + drop_second_start, index, first, second)
+        token_ids = self.tokens_to_ids(first)
         segment_ids = [0] * len(token_ids)
-        if second:
-            token_ids += self.tokens_to_ids(second)
-            segment_ids += [1] * len(second)
+        if second is not None:
+            second_ids = self.tokens_to_ids(second[drop_second_start:])
+            token_ids += second_ids
+            segment_ids += [1] * len(second_ids)
         return token_ids, segment_ids
 
     def tokens_to_ids(self, tokens):
@@ -434,35 +433,37 @@ class Tokenizer(TokenizerBase):
             value = _CLEAN[ord(text[i])]
             if value is not None:
                 cleaned.append((chr(value) if isinstance(value, int) else value, i))
-        units = [(unicodedata.normalize('NFC', ''.join(ch for ch, _ in group)), tuple(i for _, i in group))
-                 for group in _nfc_groups(cleaned)]
-        chars = [(ch, source) for unit, source in units for ch in unit]
-        if self._do_lower_case:
-            chars = self._lower_with_sources(chars)
-        if self._strip_accents:
-            chars = [(c, source) for ch, source in chars
-                     for c in unicodedata.normalize('NFD', ch).translate(_DROP_MN)]
-        return chars
-
-    def _lower_with_sources(self, chars):
-        """lower() word by word (final sigma depends on the word), each result char keeping its source."""
+        if unicodedata.is_normalized('NFC', ''.join(ch for ch, _ in cleaned)):
+            chars = [(ch, (i,)) for ch, i in cleaned]  # each char of an NFC string is NFC alone
+        else:
+            chars = [(unit_char, tuple(i for _, i in group)) for group in _nfc_groups(cleaned)
+                     for unit_char in unicodedata.normalize('NFC', ''.join(ch for ch, _ in group))]
         result, word = [], []
         for item in chars + [(' ', ())]:
             if not item[0].isspace():
                 word.append(item)
                 continue
-            text = ''.join(ch for ch, _ in word)
-            if text in self._specials and not self._split_special_tokens:
-                result += word
-            else:
-                lowered, position = text.lower(), 0
-                for ch, source in word:
-                    width = len(ch.lower())
-                    result += [(c, source) for c in lowered[position:position + width]]
-                    position += width
-            result.append(item)
+            result += self._normalize_word_with_sources(word) + [item]
             word = []
         return result[:-1]
+
+    def _normalize_word_with_sources(self, word):
+        """Lowercase and strip accents of one word (final sigma depends on the whole word), each
+        resulting char keeping the source indices of the char it came from."""
+        text = ''.join(ch for ch, _ in word)
+        if text in self._specials and not self._split_special_tokens:
+            return word  # never_split: specials stay as written
+        if self._do_lower_case:
+            lowered, position, lowered_word = text.lower(), 0, []
+            for ch, source in word:
+                width = len(ch.lower())  # lower() maps char by char, only sigma looks at context
+                lowered_word += [(c, source) for c in lowered[position:position + width]]
+                position += width
+            word = lowered_word
+        if self._strip_accents:
+            word = [(c, source) for ch, source in word
+                    for c in unicodedata.normalize('NFD', ch).translate(_DROP_MN)]
+        return word
 
 
 def _skip_spaces(text, position):
@@ -526,9 +527,8 @@ class SpTokenizer(TokenizerBase):
         return 0 <= i < self._vocab_size and not self._is_special(i)
 
     def decode(self, ids):
-        tokens = [self._token_translate_inv.get(t) or t for t in self.ids_to_tokens(ids)]
-        return self.sp_model.decode([self.token_to_id(t) for t in tokens if t and self._is_decodable(
-            self.token_to_id(t))])
+        pieces = self.ids_to_tokens(i for i in ids if self._is_decodable(i))
+        return self.sp_model.decode([self._token_translate_inv.get(p) or p for p in pieces])
 
     def rematch(self, text, tokens):
         """Character indices of text for each token, from sentencepiece's own byte offsets."""

@@ -1,0 +1,736 @@
+"""Optimizers and optimizer factories on the Keras 3 Optimizer.
+
+bert4keras's ``extend_with_*`` functions turn any optimizer class into a derived class with extra
+behaviour, and they compose in any order::
+
+    AdamW = extend_with_weight_decay(Adam, name="AdamW")
+    AdamWLR = extend_with_piecewise_linear_lr(AdamW, name="AdamWLR")
+    optimizer = AdamWLR(learning_rate=1e-3, weight_decay_rate=0.01,
+                        exclude_from_weight_decay=["Norm", "bias"], lr_schedule={1000: 1, 2000: 0.1})
+
+bert4keras built them by patching Keras 2's ``K.update``; here they are ordinary subclasses that
+override the Keras 3 hooks (``build``, ``update_step``, ``_backend_apply_gradients``,
+``_get_current_learning_rate``, ``assign*``), use ``keras.ops`` only, and so run on TensorFlow
+(``tf.distribute`` included), JAX and PyTorch. Every derived class is registered under the name it
+is given (``package="bert4k"``), keeps its arguments in ``get_config`` and its state in optimizer
+variables, so ``.keras`` files and checkpoints restore it. As with bert4keras, a script that loads
+a saved model calls the same ``extend_with_*`` first, which registers the class under its name.
+
+What comes from Keras and what is written here:
+
+* Reused: the update math of every Keras optimizer (Adam, Adamax, Lion, Lamb, SGD, ...),
+  gradient clipping, loss scaling, ``LearningRateSchedule``, optimizer-variable creation and
+  saving, and the distributed accumulator update ``_backend_increment_gradient_accumulators``.
+* Written here, each with the reason next to it: the per-variable update rewrite that
+  bert4keras's extensions share (``_ExtensibleOptimizer``), decoupled weight decay matched by regex
+  on variable *paths*, the LAMB trust ratio, bert4keras's piecewise-linear multiplier, gradient
+  accumulation that also works under ``MirroredStrategy`` and whose counter and schedule count real
+  updates, Lookahead, lazy (row-sparse) updates, a zero-initialised EMA with optional bias
+  correction, parameter-wise learning rates, Adam without bias correction, bert4keras's AdaFactor
+  and Google BERT's warmup-then-linear-decay schedule.
+"""
+
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+Adamax = keras.optimizers.Adamax
+Lion = keras.optimizers.Lion
+
+__all__ = [
+    "Adam",
+    "Adamax",
+    "AdaFactor",
+    "Lion",
+    "WarmupLinearDecay",
+    "piecewise_linear",
+    "extend_with_weight_decay",
+    "extend_with_layer_adaptation",
+    "extend_with_piecewise_linear_lr",
+    "extend_with_gradient_accumulation",
+    "extend_with_lookahead",
+    "extend_with_lazy_optimization",
+    "extend_with_exponential_moving_average",
+    "extend_with_parameter_wise_lr",
+]
+
+
+def _register(cls, name=None):
+    """Register cls so that it (de)serializes by name, with no custom_objects."""
+    return keras.saving.register_keras_serializable(package="bert4k", name=name)(cls)
+
+
+# --------------------------------------------------------------------------------------------
+# Variable selection and schedules
+# --------------------------------------------------------------------------------------------
+
+
+def variable_path(variable):
+    """The variable's path, e.g. ``Transformer-0-FeedForward-Norm/gamma``: the same string
+    bert4keras matched against (Keras 2 variable names carried the layer name)."""
+    return getattr(variable, "path", None) or variable.name
+
+
+def path_matches(variable, patterns):
+    """True when any regular expression in ``patterns`` is found in the variable's path."""
+    path = variable_path(variable)
+    return any(re.search(pattern, path) for pattern in patterns or ())
+
+
+def piecewise_linear(step, schedule):
+    """bert4keras's piecewise-linear function of the step.
+
+    ``schedule`` maps steps to values, e.g. ``{1000: 1, 2000: 0.1}``: from 0 (value 0 unless step 0
+    is given) the value rises linearly to 1 at step 1000, falls linearly to 0.1 at step 2000 and stays
+    0.1 afterwards.
+    """
+    if not schedule:
+        raise ValueError("A piecewise linear schedule needs at least one {step: value} entry.")
+    points = sorted((int(step_at), float(value)) for step_at, value in schedule.items())
+    if points[0][0] != 0:
+        points.insert(0, (0, 0.0))
+    step = ops.cast(step, "float32")
+    result = ops.full_like(step, points[0][1])
+    for (start, start_value), (end, end_value) in zip(points, points[1:]):
+        slope = (end_value - start_value) / (end - start)
+        result = ops.where(step >= start, start_value + slope * (step - start), result)
+    return ops.where(step >= points[-1][0], points[-1][1], result)
+
+
+@keras.saving.register_keras_serializable(package="bert4k")
+class WarmupLinearDecay(LearningRateSchedule):
+    """Google BERT's learning rate: linear warmup, then linear decay to 0.
+
+    As in BERT's ``optimization.py``: for ``step < warmup_steps`` the rate is
+    ``peak_learning_rate * step / warmup_steps``; afterwards it is the polynomial (power 1) decay
+    ``peak_learning_rate * (1 - step / total_steps)`` computed from step 0, reaching 0 at
+    ``total_steps`` and staying there. Any Keras optimizer accepts it as ``learning_rate``.
+    """
+
+    def __init__(self, peak_learning_rate, warmup_steps, total_steps):
+        if not 0 <= warmup_steps <= total_steps or total_steps <= 0:
+            raise ValueError(
+                "WarmupLinearDecay needs 0 <= warmup_steps <= total_steps and total_steps > 0; "
+                f"got warmup_steps={warmup_steps}, total_steps={total_steps}."
+            )
+        self.peak_learning_rate = peak_learning_rate
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        decayed = self.peak_learning_rate * (1.0 - ops.minimum(step, self.total_steps) / self.total_steps)
+        warmup = self.peak_learning_rate * step / max(self.warmup_steps, 1)
+        return ops.where(step < self.warmup_steps, warmup, decayed)
+
+    def get_config(self):
+        return {
+            "peak_learning_rate": self.peak_learning_rate,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Base optimizers
+# --------------------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="bert4k")
+class Adam(keras.optimizers.Adam):
+    """Keras Adam plus bert4keras's ``bias_correction`` flag.
+
+    ``bias_correction=True`` is exactly Keras's Adam. ``bias_correction=False`` is the update of
+    Google BERT's AdamWeightDecayOptimizer: ``variable -= lr * m / (sqrt(v) + epsilon)`` with the
+    raw moment estimates. Defaults follow bert4keras (``epsilon=1e-6``).
+    """
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-6,
+                 bias_correction=True, **kwargs):
+        super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                         epsilon=epsilon, **kwargs)
+        self.bias_correction = bias_correction
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.bias_correction:
+            return super().update_step(gradient, variable, learning_rate)
+        learning_rate = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        if self.amsgrad:
+            v_hat = self._velocity_hats[index]
+            self.assign(v_hat, ops.maximum(v_hat, v))
+            v = v_hat
+        self.assign_sub(variable, learning_rate * m / (ops.sqrt(v) + self.epsilon))
+
+    def get_config(self):
+        return {**super().get_config(), "bias_correction": self.bias_correction}
+
+
+def _root_mean_square(x):
+    return ops.sqrt(ops.mean(ops.square(x)))
+
+
+@keras.saving.register_keras_serializable(package="bert4k")
+class AdaFactor(keras.optimizers.Optimizer):
+    """bert4keras's AdaFactor (https://arxiv.org/abs/1804.04235), with its arguments.
+
+    Written here rather than taken from ``keras.optimizers.Adafactor`` because that one has no
+    first moment (``beta1``), cannot turn off or exclude the parameter scaling, factors every
+    matrix whatever its size and also keeps a full-size second moment, which gives up the memory
+    saving that is the point of AdaFactor. Here the two largest axes of a variable are factored
+    when the smaller of them has at least ``min_dim_size_to_factor`` entries; smaller variables
+    keep a full second moment.
+
+    ``learning_rate=None`` gives the relative step ``min(1 / sqrt(t), 0.01)`` (times 0.05
+    without parameter scaling); ``beta2=None`` gives ``1 - t ** -0.8``.
+    """
+
+    def __init__(self, learning_rate=1e-3, beta1=0.0, beta2=None, epsilon1=1e-30, epsilon2=1e-3,
+                 multiply_by_parameter_scale=True, clipping_threshold=1.0,
+                 min_dim_size_to_factor=128, exclude_from_parameter_scale=None, **kwargs):
+        # With a relative step the base class's learning-rate variable is a placeholder that
+        # `_get_current_learning_rate` never reads.
+        super().__init__(learning_rate=1.0 if learning_rate is None else learning_rate, **kwargs)
+        self.relative_step = learning_rate is None
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.epsilon1 = epsilon1
+        self.epsilon2 = epsilon2
+        self.multiply_by_parameter_scale = multiply_by_parameter_scale
+        self.clipping_threshold = clipping_threshold
+        self.min_dim_size_to_factor = min_dim_size_to_factor
+        self.exclude_from_parameter_scale = list(exclude_from_parameter_scale or [])
+
+    def factored_axes(self, shape):
+        """(axis averaged for the row statistic, axis averaged for the column statistic), i.e.
+        the largest and second-largest axes, or None when the variable is not factored."""
+        if len(shape) < 2:
+            return None
+        largest, second = sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))[-1:-3:-1]
+        if shape[second] < self.min_dim_size_to_factor:
+            return None
+        return largest, second
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._rows, self._columns, self._second_moments, self._first_moments = [], [], [], []
+        self._parameter_scaled = []
+        for variable in var_list:
+            axes = self.factored_axes(variable.shape)
+            self._rows.append(self._reduced_variable(variable, axes[0], "vr") if axes else None)
+            self._columns.append(self._reduced_variable(variable, axes[1], "vc") if axes else None)
+            self._second_moments.append(
+                None if axes else self.add_variable_from_reference(variable, "v"))
+            self._first_moments.append(
+                self.add_variable_from_reference(variable, "m") if self.beta1 > 0 else None)
+            self._parameter_scaled.append(
+                self.multiply_by_parameter_scale
+                and not path_matches(variable, self.exclude_from_parameter_scale))
+
+    def _reduced_variable(self, variable, axis, suffix):
+        shape = list(variable.shape)
+        shape[axis] = 1
+        name = f"{variable_path(variable).replace('/', '_')}_{suffix}"
+        return self.add_variable(shape=tuple(shape), dtype=variable.dtype, name=name)
+
+    def _get_current_learning_rate(self):
+        if not self.relative_step:
+            return super()._get_current_learning_rate()
+        step = ops.cast(self.iterations + 1, "float32")
+        learning_rate = ops.minimum(1.0 / ops.sqrt(step), 0.01)
+        return learning_rate if self.multiply_by_parameter_scale else learning_rate * 0.05
+
+    def _decay_rate(self, dtype):
+        if self.beta2 is not None:
+            return ops.cast(self.beta2, dtype)
+        return 1.0 - ops.power(ops.cast(self.iterations + 1, dtype), -0.8)
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        learning_rate = ops.cast(learning_rate, dtype)
+        gradient = ops.cast(gradient, dtype)
+        beta2 = self._decay_rate(dtype)
+        index = self._get_variable_index(variable)
+        squared = ops.square(gradient) + self.epsilon1
+        axes = self.factored_axes(variable.shape)
+        if axes is None:
+            second_moment = self._second_moments[index]
+            self.assign(second_moment, beta2 * second_moment + (1.0 - beta2) * squared)
+            estimate = ops.convert_to_tensor(second_moment)
+        else:
+            rows, columns = self._rows[index], self._columns[index]
+            self.assign(rows, beta2 * rows + (1.0 - beta2) * ops.mean(squared, axes[0], keepdims=True))
+            self.assign(columns, beta2 * columns
+                        + (1.0 - beta2) * ops.mean(squared, axes[1], keepdims=True))
+            estimate = rows * columns / ops.mean(rows, axes[1], keepdims=True)
+        update = gradient / ops.sqrt(estimate + self.epsilon1)
+        if self.clipping_threshold is not None:
+            update = update / ops.maximum(1.0, _root_mean_square(update) / self.clipping_threshold)
+        if self.beta1 > 0:
+            first_moment = self._first_moments[index]
+            self.assign(first_moment, self.beta1 * first_moment + (1.0 - self.beta1) * update)
+            update = ops.convert_to_tensor(first_moment)
+        if self._parameter_scaled[index]:
+            update = update * ops.maximum(_root_mean_square(variable), self.epsilon2)
+        self.assign_sub(variable, learning_rate * update)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            learning_rate=None if self.relative_step else config["learning_rate"],
+            beta1=self.beta1,
+            beta2=self.beta2,
+            epsilon1=self.epsilon1,
+            epsilon2=self.epsilon2,
+            multiply_by_parameter_scale=self.multiply_by_parameter_scale,
+            clipping_threshold=self.clipping_threshold,
+            min_dim_size_to_factor=self.min_dim_size_to_factor,
+            exclude_from_parameter_scale=self.exclude_from_parameter_scale,
+        )
+        return config
+
+
+# --------------------------------------------------------------------------------------------
+# The machinery the extensions share
+# --------------------------------------------------------------------------------------------
+
+
+class _ExtensibleOptimizer:
+    """Mixin placed once in every derived optimizer's bases.
+
+    bert4keras's extensions each rewrote the new value of a variable proposed by the optimizer
+    they wrap (its ``K.update`` patch). Keras 3 has no such hook, so this mixin adds one:
+    ``update_step`` keeps the variable's value, lets the base optimizer's ``update_step`` move it,
+    and passes (old value, proposed value) through ``_transform_update``. Each extension overrides
+    ``_transform_update`` and calls ``super()`` first, so in
+    ``extend_with_b(extend_with_a(Adam))`` a's rewrite is applied before b's, as in bert4keras.
+    All state changes go through ``self.assign*`` inside ``update_step``, which is where
+    ``tf.distribute`` runs per-device updates, so the extensions work under ``MirroredStrategy``.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        old_value = ops.copy(ops.convert_to_tensor(variable))
+        super().update_step(gradient, variable, learning_rate)
+        proposed = ops.convert_to_tensor(variable)
+        new_value = self._transform_update(gradient, variable, old_value, proposed, learning_rate)
+        if new_value is not proposed:
+            self.assign(variable, new_value)
+
+    def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
+        """Return the value ``variable`` takes this step; extensions override this."""
+        return new_value
+
+    def _get_current_learning_rate(self):
+        # Keras calls a LearningRateSchedule with its raw step counter, which counts micro-steps
+        # under gradient accumulation; here it gets `iterations`, the number of real updates.
+        if isinstance(self._learning_rate, LearningRateSchedule):
+            return self._learning_rate(self.iterations)
+        return super()._get_current_learning_rate()
+
+    def _flags_by_path(self, variables, patterns):
+        """One bool per variable: whether its path matches any of ``patterns``."""
+        return [path_matches(variable, patterns) for variable in variables]
+
+    def _for_variable(self, per_variable, variable):
+        """The entry of a per-variable list (built in ``build``) that belongs to ``variable``."""
+        return per_variable[self._get_variable_index(variable)]
+
+
+def _extensible_bases(base_optimizer):
+    if not (isinstance(base_optimizer, type)
+            and issubclass(base_optimizer, keras.optimizers.Optimizer)):
+        raise TypeError(
+            f"extend_with_* expects a keras.optimizers.Optimizer subclass, got {base_optimizer!r}."
+        )
+    if issubclass(base_optimizer, _ExtensibleOptimizer):
+        return (base_optimizer,)
+    return (_ExtensibleOptimizer, base_optimizer)
+
+
+def _finish(new_optimizer, base_optimizer, name, feature):
+    """Name the derived class (default ``<Base>With<Feature>``) and register it by that name."""
+    name = name or f"{base_optimizer.__name__}With{feature}"
+    new_optimizer.__name__ = new_optimizer.__qualname__ = name
+    new_optimizer.__module__ = __name__
+    return _register(new_optimizer, name)
+
+
+def _as_list(patterns):
+    if isinstance(patterns, str):
+        return [patterns]
+    return list(patterns or [])
+
+
+# --------------------------------------------------------------------------------------------
+# The extensions
+# --------------------------------------------------------------------------------------------
+
+
+def extend_with_weight_decay(BaseOptimizer, name=None):
+    """Add decoupled weight decay: ``variable -= lr * weight_decay_rate * variable`` each update.
+
+    Arguments: ``weight_decay_rate=0.01``, ``exclude_from_weight_decay=[regex, ...]`` matched against
+    variable paths (``['Norm', 'bias']`` leaves every ``*-Norm/*`` and every bias undecayed).
+
+    Keras's own ``weight_decay`` is not used: it matches ``var_names`` against the bare variable
+    name (``gamma``, not ``Embedding-Norm/gamma``), and it decays before ``update_step``, so layer
+    adaptation wrapped around it (LAMB) would not see the decay term. Here the decay is part of
+    the update that outer extensions rewrite, as in bert4keras.
+    """
+
+    class WeightDecay(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, weight_decay_rate=0.01, exclude_from_weight_decay=(), **kwargs):
+            super().__init__(*args, **kwargs)
+            self.weight_decay_rate = weight_decay_rate
+            # Not `self.exclude_from_weight_decay`: that is a Keras method.
+            self.weight_decay_exclusions = _as_list(exclude_from_weight_decay)
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            self._weight_decay_excluded = self._flags_by_path(var_list, self.weight_decay_exclusions)
+
+        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
+            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
+            if self._for_variable(self._weight_decay_excluded, variable):
+                return new_value
+            rate = ops.cast(learning_rate, variable.dtype) * self.weight_decay_rate
+            return new_value - rate * old_value
+
+        def get_config(self):
+            return {**super().get_config(), "weight_decay_rate": self.weight_decay_rate,
+                    "exclude_from_weight_decay": self.weight_decay_exclusions}
+
+    return _finish(WeightDecay, BaseOptimizer, name, "WeightDecay")
+
+
+def extend_with_layer_adaptation(BaseOptimizer, name=None):
+    """Add LAMB's layer adaptation (https://arxiv.org/abs/1904.00962).
+
+    Each variable's step ``delta`` (everything the wrapped optimizer and inner extensions do,
+    weight decay included) is rescaled so that its size is ``lr * ||variable||``:
+    ``delta * ||variable|| / ||delta / lr||``, unless either norm is zero. Argument:
+    ``exclude_from_layer_adaptation=[regex, ...]`` on variable paths.
+
+    Keras's ``Lamb`` is a whole optimizer; this adds the trust ratio to any optimizer.
+    """
+
+    class LayerAdaptation(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, exclude_from_layer_adaptation=(), **kwargs):
+            super().__init__(*args, **kwargs)
+            self.exclude_from_layer_adaptation = _as_list(exclude_from_layer_adaptation)
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            self._layer_adaptation_excluded = self._flags_by_path(
+                var_list, self.exclude_from_layer_adaptation)
+
+        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
+            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
+            if self._for_variable(self._layer_adaptation_excluded, variable):
+                return new_value
+            delta = new_value - old_value
+            learning_rate = ops.maximum(ops.cast(learning_rate, variable.dtype), keras.config.epsilon())
+            weight_norm = ops.sqrt(ops.sum(ops.square(old_value)))
+            update_norm = ops.sqrt(ops.sum(ops.square(delta / learning_rate)))
+            usable = ops.logical_and(weight_norm > 0, update_norm > 0)
+            ratio = ops.where(usable, weight_norm / ops.where(usable, update_norm, 1.0), 1.0)
+            return old_value + delta * ratio
+
+        def get_config(self):
+            return {**super().get_config(),
+                    "exclude_from_layer_adaptation": self.exclude_from_layer_adaptation}
+
+    return _finish(LayerAdaptation, BaseOptimizer, name, "LayerAdaptation")
+
+
+def extend_with_piecewise_linear_lr(BaseOptimizer, name=None):
+    """Multiply the learning rate by bert4keras's piecewise-linear function of the update count.
+
+    Argument: ``lr_schedule={step: multiplier, ...}``, e.g. ``{1000: 1, 2000: 0.1}``: linear
+    warmup from 0 to 1 over 1000 updates, linear decay to 0.1 by update 2000, then flat (see
+    ``piecewise_linear``). It multiplies whatever the learning rate is, a float or a Keras
+    ``LearningRateSchedule``, so everything that reads ``optimizer.learning_rate`` sees it.
+    """
+
+    class PiecewiseLinearLR(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, lr_schedule=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            # JSON turns the integer keys into strings; int() brings them back.
+            schedule = {0: 1} if lr_schedule is None else lr_schedule
+            self.lr_schedule = {int(step): float(value) for step, value in schedule.items()}
+            piecewise_linear(0, self.lr_schedule)  # fail early on an empty schedule
+
+        def _get_current_learning_rate(self):
+            multiplier = piecewise_linear(self.iterations, self.lr_schedule)
+            return ops.multiply(super()._get_current_learning_rate(), multiplier)
+
+        def get_config(self):
+            return {**super().get_config(), "lr_schedule": self.lr_schedule}
+
+    return _finish(PiecewiseLinearLR, BaseOptimizer, name, "PiecewiseLinearLR")
+
+
+def extend_with_gradient_accumulation(BaseOptimizer, name=None):
+    """Update once every ``grad_accum_steps`` calls, with the mean of their gradients.
+
+    ``optimizer.iterations`` counts real updates (not calls), and learning-rate schedules,
+    Adam's bias correction and the other extensions all see that count.
+
+    Written here instead of Keras's ``gradient_accumulation_steps`` because, in Keras 3.15, (1)
+    the update runs inside ``ops.cond``, and under ``tf.distribute.MirroredStrategy`` the gradient
+    all-reduce inside that branch fails (``merge_call called while defining a new graph``), and
+    (2) Keras calls learning-rate schedules with the micro-step count. Here the wrapped update
+    runs at every call on the running mean of the gradients, and every state change it makes goes
+    through ``self.assign*``, which keep the old value except on the last call of a cycle (the
+    masking bert4keras did by patching ``K.update``). No branch, so it works on every backend and
+    under ``tf.distribute``; the price is running the update math (and, with several replicas, the
+    all-reduce) on every call.
+
+    Keras's own ``weight_decay``, ``use_ema`` and ``gradient_accumulation_steps`` change state
+    outside ``update_step`` and would act at every call, so they are refused here; use
+    ``extend_with_weight_decay`` and ``extend_with_exponential_moving_average``.
+    """
+
+    class GradientAccumulation(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, grad_accum_steps=2, **kwargs):
+            super().__init__(*args, **kwargs)
+            if int(grad_accum_steps) != grad_accum_steps or grad_accum_steps < 1:
+                raise ValueError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.")
+            conflicts = [argument for argument in ("weight_decay", "use_ema", "gradient_accumulation_steps")
+                         if getattr(self, argument)]
+            if conflicts:
+                raise ValueError(
+                    f"extend_with_gradient_accumulation cannot be combined with Keras's {conflicts}: "
+                    "they would act on every micro-step. Use extend_with_weight_decay / "
+                    "extend_with_exponential_moving_average / grad_accum_steps instead."
+                )
+            self.grad_accum_steps = int(grad_accum_steps)
+            self._apply_this_call = None
+
+        @property
+        def iterations(self):
+            return ops.floor_divide(self._iterations, self.grad_accum_steps)
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            self._gradient_sums = self.add_optimizer_variables(var_list, "gradient_sum")
+
+        def _backend_apply_gradients(self, grads, trainable_variables):
+            steps = self.grad_accum_steps
+            is_update = ops.equal(ops.mod(self._iterations + 1, steps), 0)
+            sum_variables = [self._for_variable(self._gradient_sums, v) for v in trainable_variables]
+            previous = [ops.convert_to_tensor(s) for s in sum_variables]
+            totals = [ops.add(p, g) for p, g in zip(previous, grads)]
+            self._apply_this_call = is_update
+            try:
+                super()._backend_apply_gradients([t / steps for t in totals], trainable_variables)
+            finally:
+                self._apply_this_call = None
+            # New sums: 0 after an update, else the running total; Keras's (distribution-aware)
+            # accumulator hook adds the difference.
+            increments = [ops.where(is_update, ops.zeros_like(t), t) - p
+                          for t, p in zip(totals, previous)]
+            self._backend_increment_gradient_accumulators(increments, sum_variables)
+
+        def assign(self, variable, value):
+            if self._apply_this_call is not None:
+                value = ops.where(self._apply_this_call, value, ops.convert_to_tensor(variable))
+            super().assign(variable, value)
+
+        def assign_add(self, variable, value):
+            super().assign_add(variable, self._masked_increment(value))
+
+        def assign_sub(self, variable, value):
+            super().assign_sub(variable, self._masked_increment(value))
+
+        def _masked_increment(self, value):
+            if self._apply_this_call is None:
+                return value
+            value = ops.convert_to_tensor(value)
+            return ops.where(self._apply_this_call, value, ops.zeros_like(value))
+
+        def get_config(self):
+            return {**super().get_config(), "grad_accum_steps": self.grad_accum_steps}
+
+    return _finish(GradientAccumulation, BaseOptimizer, name, "GradientAccumulation")
+
+
+def extend_with_lookahead(BaseOptimizer, name=None):
+    """Add Lookahead (https://arxiv.org/abs/1907.08610).
+
+    Slow weights start as the weights before the first update; after every
+    ``steps_per_slow_update`` (k) updates they move ``slow_step_size`` (alpha) of the way to the
+    fast weights, ``slow += alpha * (fast - slow)``, and the fast weights are reset to them.
+    (bert4keras started its slow weights at zero and synchronised at update 0; this follows the
+    paper.) Keras has no Lookahead.
+    """
+
+    class Lookahead(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, steps_per_slow_update=5, slow_step_size=0.5, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.steps_per_slow_update = steps_per_slow_update
+            self.slow_step_size = slow_step_size
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            self._slow_weights = self.add_optimizer_variables(var_list, "slow_weight")
+
+        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
+            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
+            slow_variable = self._for_variable(self._slow_weights, variable)
+            slow = ops.where(ops.equal(self.iterations, 0), old_value, ops.convert_to_tensor(slow_variable))
+            synchronise = ops.equal(ops.mod(self.iterations + 1, self.steps_per_slow_update), 0)
+            slow = ops.where(synchronise, slow + self.slow_step_size * (new_value - slow), slow)
+            self.assign(slow_variable, slow)
+            return ops.where(synchronise, slow, new_value)
+
+        def get_config(self):
+            return {**super().get_config(), "steps_per_slow_update": self.steps_per_slow_update,
+                    "slow_step_size": self.slow_step_size}
+
+    return _finish(Lookahead, BaseOptimizer, name, "Lookahead")
+
+
+def extend_with_lazy_optimization(BaseOptimizer, name=None):
+    """Move only the rows whose gradient is non-zero (e.g. the embeddings of tokens in the batch).
+
+    Argument: ``include_in_lazy_optimization=[regex, ...]`` on variable paths. A row is a slice
+    along the last axis; the wrapped optimizer's own state (Adam's moments, ...) still updates,
+    only the variable's step is masked, as in bert4keras. Keras has nothing like it.
+    """
+
+    class LazyOptimization(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, include_in_lazy_optimization=(), **kwargs):
+            super().__init__(*args, **kwargs)
+            self.include_in_lazy_optimization = _as_list(include_in_lazy_optimization)
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            self._lazy = self._flags_by_path(var_list, self.include_in_lazy_optimization)
+
+        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
+            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
+            if not self._for_variable(self._lazy, variable):
+                return new_value
+            touched = ops.any(ops.not_equal(gradient, 0), axis=-1, keepdims=True)
+            return ops.where(touched, new_value, old_value)
+
+        def get_config(self):
+            return {**super().get_config(),
+                    "include_in_lazy_optimization": self.include_in_lazy_optimization}
+
+    return _finish(LazyOptimization, BaseOptimizer, name, "LazyOptimization")
+
+
+def extend_with_exponential_moving_average(BaseOptimizer, name=None):
+    """Keep an exponential moving average of the weights, bert4keras style.
+
+    Argument: ``ema_momentum=0.999``. After each update ``ema = m * ema + (1 - m) * weight``,
+    starting from zero. ``apply_ema_weights(bias_correction=True)`` backs up the weights and puts
+    ``ema / (1 - m ** iterations)`` (or the raw ``ema``) in their place, e.g. for evaluation;
+    ``reset_old_weights()`` puts the backed-up weights back.
+
+    Keras's ``use_ema`` is not used: its average starts from the first weights rather than zero (so
+    bert4keras's bias correction would be wrong), it updates on every micro-step under gradient
+    accumulation, and ``fit`` overwrites the weights with it at the end of training.
+    """
+
+    class ExponentialMovingAverage(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, ema_momentum=0.999, **kwargs):
+            if kwargs.get("use_ema"):
+                raise ValueError("Use either Keras's use_ema or extend_with_exponential_moving_average, not both.")
+            if not 0 <= ema_momentum <= 1:
+                raise ValueError(f"ema_momentum must be in [0, 1], got {ema_momentum}.")
+            super().__init__(*args, ema_momentum=ema_momentum, **kwargs)
+            self._old_weights = None
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            self._ema_weights = self.add_optimizer_variables(var_list, "ema")
+
+        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
+            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
+            average = self._for_variable(self._ema_weights, variable)
+            momentum = ops.cast(self.ema_momentum, variable.dtype)
+            self.assign(average, momentum * average + (1 - momentum) * new_value)
+            return new_value
+
+        def apply_ema_weights(self, bias_correction=True):
+            """Back up the model's weights, then replace them with their moving averages."""
+            updates = int(ops.convert_to_numpy(self.iterations))
+            if updates == 0:
+                raise ValueError("apply_ema_weights() needs at least one update: the average is empty.")
+            scale = 1.0 - self.ema_momentum ** updates if bias_correction else 1.0
+            pairs = [(weight, average) for weight, average
+                     in zip(self._trainable_variables, self._ema_weights) if average is not None]
+            self._old_weights = [ops.convert_to_numpy(weight) for weight, _ in pairs]
+            for weight, average in pairs:
+                weight.assign(ops.convert_to_numpy(average) / scale)
+
+        def reset_old_weights(self):
+            """Put back the weights backed up by apply_ema_weights()."""
+            if self._old_weights is None:
+                raise ValueError("reset_old_weights() restores what apply_ema_weights() backed up; call that first.")
+            weights = [w for w, a in zip(self._trainable_variables, self._ema_weights) if a is not None]
+            for weight, value in zip(weights, self._old_weights):
+                weight.assign(value)
+
+    return _finish(ExponentialMovingAverage, BaseOptimizer, name, "ExponentialMovingAverage")
+
+
+def extend_with_parameter_wise_lr(BaseOptimizer, name=None):
+    """Scale each variable's step by per-variable multipliers.
+
+    Argument: ``paramwise_lr_schedule={name_substring: multiplier}``: a variable's step is
+    multiplied by every multiplier whose key occurs in its path (``{'Embedding': 0.1}`` trains
+    the embeddings ten times slower). Keras has no per-variable learning rate short of
+    ``MultiOptimizer``-style splitting.
+    """
+
+    class ParameterWiseLR(*_extensible_bases(BaseOptimizer)):
+        def __init__(self, *args, paramwise_lr_schedule=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.paramwise_lr_schedule = {str(key): float(value)
+                                          for key, value in (paramwise_lr_schedule or {}).items()}
+
+        def build(self, var_list):
+            if self.built:
+                return
+            super().build(var_list)
+            self._lr_multipliers = [self._multiplier(variable_path(v)) for v in var_list]
+
+        def _multiplier(self, path):
+            return float(np.prod([value for key, value in self.paramwise_lr_schedule.items() if key in path]))
+
+        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
+            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
+            multiplier = self._for_variable(self._lr_multipliers, variable)
+            if multiplier == 1.0:
+                return new_value
+            return old_value + (new_value - old_value) * multiplier
+
+        def get_config(self):
+            return {**super().get_config(), "paramwise_lr_schedule": self.paramwise_lr_schedule}
+
+    return _finish(ParameterWiseLR, BaseOptimizer, name, "ParameterWiseLR")

@@ -1,0 +1,825 @@
+"""Task toolkit: data feeding, padding, parallel preprocessing, Viterbi decoding and small text utilities.
+
+Names and arguments follow bert4keras's ``snippets`` so existing scripts keep working. Everything here is
+NumPy / standard library: TensorFlow is imported only inside ``DataGenerator.to_dataset`` (tf.data glue) and
+Keras only inside ``DataGenerator.to_pydataset``, so data-preparation scripts and worker processes can use
+this module without loading a deep-learning framework.
+"""
+
+import collections
+import functools
+import itertools
+import math
+import pickle
+import queue
+import random as _py_random
+import threading
+import traceback
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------------
+# Small utilities
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_string(s):
+    """Whether ``s`` is a text string."""
+    return isinstance(s, str)
+
+
+def convert_to_unicode(text, encoding="utf-8", errors="ignore"):
+    """Decodes bytes to str; anything else is returned unchanged."""
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text).decode(encoding, errors=errors)
+    return text
+
+
+def convert_to_str(text, encoding="utf-8", errors="ignore"):
+    """Kept for bert4keras scripts: on Python 3 ``str`` and unicode are the same thing."""
+    return convert_to_unicode(text, encoding, errors)
+
+
+_FULL_WIDTH_SPACE = 0x3000
+_FULL_WIDTH_FIRST, _FULL_WIDTH_LAST = 0xFF01, 0xFF5E  # '！' .. '～'
+_FULL_TO_HALF_OFFSET = 0xFEE0  # distance from each full-width form to its ASCII character
+
+
+def strQ2B(ustring):
+    """Converts full-width (quanjiao) characters to their half-width (banjiao) ASCII forms."""
+
+    def half_width(char):
+        code = ord(char)
+        if code == _FULL_WIDTH_SPACE:
+            return " "
+        if _FULL_WIDTH_FIRST <= code <= _FULL_WIDTH_LAST:
+            return chr(code - _FULL_TO_HALF_OFFSET)
+        return char
+
+    return "".join(half_width(char) for char in ustring)
+
+
+def to_array(*args):
+    """Converts each argument to a NumPy array; a single argument gives a single array."""
+    arrays = [np.array(a) for a in args]
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def softmax(x, axis=-1):
+    """NumPy softmax, shifted by the maximum so large logits do not overflow."""
+    x = np.asarray(x)
+    exp = np.exp(x - x.max(axis=axis, keepdims=True))
+    return exp / exp.sum(axis=axis, keepdims=True)
+
+
+def insert_arguments(**arguments):
+    """Decorator for ``__init__``: adds keyword arguments with defaults, stored as attributes on ``self``."""
+
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapper(self, *args, **kwargs):
+            for name, default in arguments.items():
+                setattr(self, name, kwargs.pop(name, default))
+            return func(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def delete_arguments(*arguments):
+    """Decorator for ``__init__``: rejects keyword arguments a subclass does not support."""
+
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapper(self, *args, **kwargs):
+            for name in arguments:
+                if name in kwargs:
+                    raise TypeError(
+                        f"{type(self).__name__} got an unexpected keyword argument '{name}'"
+                    )
+            return func(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def longest_common_substring(source, target):
+    """Longest common contiguous slice of two sequences.
+
+    Returns ``(length, (i_start, i_end, j_start, j_end))`` with ``source[i_start:i_end] ==
+    target[j_start:j_end]``; when several are equally long, the one ending first in ``source`` is given.
+    """
+    best, span = 0, (0, 0, 0, 0)
+    previous = [0] * (len(target) + 1)  # previous[j]: common suffix length of source[:i-1], target[:j]
+    for i, s in enumerate(source, 1):
+        current = [0] * (len(target) + 1)
+        for j, t in enumerate(target, 1):
+            if s == t:
+                current[j] = previous[j - 1] + 1
+                if current[j] > best:
+                    best = current[j]
+                    span = (i - best, i, j - best, j)
+        previous = current
+    return best, span
+
+
+def longest_common_subsequence(source, target):
+    """Longest common (not necessarily contiguous) subsequence of two sequences.
+
+    Returns ``(length, mapping)`` where mapping lists the matched ``(i, j)`` index pairs in increasing
+    order; when several subsequences are equally long, one of them is given.
+    """
+    n, m = len(source), len(target)
+    table = np.zeros((n + 1, m + 1), dtype=np.int64)  # table[i, j]: LCS length of source[:i], target[:j]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            if source[i - 1] == target[j - 1]:
+                table[i, j] = table[i - 1, j - 1] + 1
+            else:
+                table[i, j] = max(table[i - 1, j], table[i, j - 1])
+    mapping, i, j = [], n, m
+    while i > 0 and j > 0:
+        if source[i - 1] == target[j - 1]:
+            mapping.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif table[i - 1, j] >= table[i, j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return int(table[n, m]), mapping[::-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Padding, truncation and splitting
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _target_lengths(arrays, length, seq_dims):
+    """Per sequence dimension: the requested length, or the longest input where none is given."""
+    if length is None or np.isscalar(length):
+        length = [length] * seq_dims
+    if len(length) != seq_dims:
+        raise ValueError(f"length has {len(length)} entries but seq_dims is {seq_dims}")
+    longest = [max((a.shape[d] if a.ndim > d else 0) for a in arrays) for d in range(seq_dims)]
+    return [int(l) if l is not None else m for l, m in zip(length, longest)]
+
+
+def _common_feature_shape(arrays, seq_dims):
+    """The trailing (non-sequence) shape shared by every non-empty input."""
+    shapes = {a.shape[seq_dims:] for a in arrays if a.size > 0}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"sequence_padding: inputs differ beyond the first {seq_dims} dimension(s): {sorted(shapes)}"
+        )
+    return shapes.pop() if shapes else ()
+
+
+def _common_dtype(arrays):
+    # An empty list becomes float64 in NumPy; it must not turn a batch of token ids into floats.
+    non_empty = [a.dtype for a in arrays if a.size > 0]
+    return np.result_type(*non_empty) if non_empty else arrays[0].dtype
+
+
+def sequence_padding(inputs, length=None, value=0, seq_dims=1, mode="post"):
+    """Pads (and truncates) a list of sequences into one array.
+
+    Args:
+        inputs: sequences (lists or arrays); the first ``seq_dims`` dimensions are padded.
+        length: target length: an int for every sequence dimension, a tuple with one entry per
+            dimension (``None`` entries mean "longest input"), or ``None`` for the longest input.
+            Longer sequences are cut to it, keeping their beginning.
+        value: the padding value.
+        mode: ``'post'`` pads at the end, ``'pre'`` at the beginning.
+
+    Returns:
+        An array of shape ``[len(inputs), *lengths, *feature_shape]`` with the inputs' dtype.
+    """
+    if mode not in ("post", "pre"):
+        raise ValueError(f'sequence_padding: mode must be "post" or "pre", got {mode!r}')
+    if len(inputs) == 0:
+        raise ValueError("sequence_padding needs at least one sequence")
+    arrays = [np.asarray(x) for x in inputs]
+    lengths = _target_lengths(arrays, length, seq_dims)
+    feature_shape = _common_feature_shape(arrays, seq_dims)
+    outputs = np.full([len(arrays), *lengths, *feature_shape], value, dtype=_common_dtype(arrays))
+    for output, array in zip(outputs, arrays):
+        if array.size == 0:
+            continue
+        kept = array[tuple(slice(0, l) for l in lengths)]
+        if mode == "post":
+            where = tuple(slice(0, n) for n in kept.shape[:seq_dims])
+        else:
+            where = tuple(slice(l - n, l) for l, n in zip(lengths, kept.shape[:seq_dims]))
+        output[where] = kept
+    return outputs
+
+
+def truncate_sequences(maxlen, indices, *sequences):
+    """Pops items from the currently longest sequence until the total length is at most ``maxlen``.
+
+    The sequences (lists) are changed in place and also returned, all of them, in order. ``indices`` is
+    the position popped in every sequence (for example ``-2`` keeps a trailing ``[SEP]``), or one
+    position per sequence. Ties go to the first longest sequence.
+    """
+    if maxlen < 0:
+        raise ValueError(f"truncate_sequences: maxlen must be >= 0, got {maxlen}")
+    sequences = list(sequences)
+    if not isinstance(indices, (list, tuple)):
+        indices = [indices] * len(sequences)
+    total = sum(len(s) for s in sequences)
+    while total > maxlen:
+        longest = max(range(len(sequences)), key=lambda k: len(sequences[k]))  # max keeps the first
+        sequences[longest].pop(indices[longest])
+        total -= 1
+    return sequences
+
+
+def text_segmentate(text, maxlen, seps="\n", strips=None):
+    """Splits text into pieces of at most ``maxlen`` characters, cutting at separators.
+
+    ``seps`` lists separator characters from coarse to fine: the text is cut after the first one and
+    neighbouring parts are merged again while they fit; a part that is still too long is cut by the next
+    separator. A part with no separator left to cut is kept whole, even if longer than ``maxlen``.
+    Every piece is stripped of whitespace and then of ``strips``.
+    """
+    text = text.strip().strip(strips)
+    if not seps or len(text) <= maxlen:
+        return [text]
+    separator, finer_seps = seps[0], seps[1:]
+    words = text.split(separator)
+    pieces, current = [], ""
+    for k, word in enumerate(words):
+        part = word if k == len(words) - 1 else word + separator  # each separator stays with its text
+        # Start a new piece when this one would overflow; a bare separator (empty word) never starts one.
+        if current and word and len(current) + len(part) > maxlen:
+            pieces.extend(text_segmentate(current, maxlen, finer_seps, strips))
+            current = ""
+        current += part
+    if current:
+        pieces.extend(text_segmentate(current, maxlen, finer_seps, strips))
+    return pieces
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parallel map
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the ``__cause__`` of the error re-raised in the caller."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _portable_error(error):
+    """The error itself when it survives pickling, else a RuntimeError with the same text."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        error = RuntimeError(f"{type(error).__name__}: {error}")
+    error.__traceback__ = None  # tracebacks do not pickle; the text above carries it
+    return error, text
+
+
+def _raise_worker_error(error, text):
+    if text is not None:  # from a process: attach the worker's traceback so the user sees where it failed
+        raise error from _RemoteTraceback(f'\n"""\n{text}"""')
+    raise error
+
+
+def _reseed(seed):
+    # Forked workers start with the parent's RNG state and would otherwise all draw the same numbers.
+    np.random.seed(seed)
+    _py_random.seed(seed)
+
+
+_STOP = None  # placed in the task queue once per worker to end it
+
+
+def _worker_loop(func, tasks, results, in_process, seed):
+    """Runs in each worker: applies ``func`` to tasks until told to stop; never lets an error escape."""
+    if seed is not False:
+        _reseed(seed)
+    while True:
+        task = tasks.get()
+        if task is _STOP:
+            return
+        index, item = task
+        try:
+            result = func(item)
+            if in_process:
+                # Pickle here: a result that cannot be pickled then fails in the worker, where we catch it,
+                # instead of in the queue's feeder thread, where it would be lost and the caller would hang.
+                result = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+            results.put((index, True, result))
+        except BaseException as error:  # noqa: BLE001 - every failure must reach the caller
+            results.put((index, False, _portable_error(error) if in_process else (error, None)))
+
+
+def _worker_seeds(random_seeds, workers, dummy):
+    """One seed per worker; ``False`` means leave its RNG alone."""
+    if dummy or random_seeds is None or random_seeds is False:
+        return [False] * workers  # threads share one RNG: reseeding would only disturb the caller's
+    if random_seeds is True:
+        return [None] * workers  # fresh OS entropy in each process
+    seeds = list(random_seeds)
+    return (seeds + [False] * workers)[:workers]
+
+
+class _WorkerPool:
+    """Threads or processes reading (index, item) tasks from one queue and writing results to another."""
+
+    _POLL_SECONDS = 0.5  # how often a waiting caller checks that no worker process has died
+
+    def __init__(self, func, workers, dummy, random_seeds):
+        if workers < 1:
+            raise ValueError(f"parallel_apply: workers must be >= 1, got {workers}")
+        self.in_process = not dummy
+        if dummy:
+            self.tasks, self.results = queue.Queue(), queue.Queue()
+            start = functools.partial(threading.Thread, daemon=True)
+        else:
+            import multiprocessing
+
+            context = multiprocessing.get_context()
+            self.tasks, self.results = context.Queue(), context.Queue()
+            start = functools.partial(context.Process, daemon=True)
+        self.workers = [
+            start(target=_worker_loop, args=(func, self.tasks, self.results, self.in_process, seed))
+            for seed in _worker_seeds(random_seeds, workers, dummy)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    def submit(self, index, item):
+        self.tasks.put((index, item))
+
+    def receive(self, block=True):
+        """The next finished ``(index, result)``; ``None`` when ``block`` is False and nothing is ready."""
+        while True:
+            try:
+                index, ok, payload = self.results.get(block, self._POLL_SECONDS)
+                break
+            except queue.Empty:
+                if not block:
+                    return None
+                self._check_workers_alive()
+        if not ok:
+            _raise_worker_error(*payload)
+        return index, (pickle.loads(payload) if self.in_process else payload)
+
+    def _check_workers_alive(self):
+        dead = [w for w in self.workers if self.in_process and w.exitcode is not None]
+        if dead:
+            raise RuntimeError(
+                f"parallel_apply: a worker process died (exit code {dead[0].exitcode}) before "
+                "returning its result"
+            )
+
+    def close(self, finished):
+        """Stops the workers: politely once every task is done, at once when the caller gave up early."""
+        if self.in_process and not finished:
+            for worker in self.workers:
+                worker.terminate()
+        else:
+            self._drop_pending_tasks()
+            for _ in self.workers:
+                self.tasks.put(_STOP)
+        if self.in_process:
+            for worker in self.workers:
+                worker.join()
+            for q in (self.tasks, self.results):
+                q.close()
+                q.cancel_join_thread()  # items left after terminate() must not block interpreter exit
+        elif finished:
+            for worker in self.workers:
+                worker.join()
+        # An abandoned thread pool exits by itself after its current task: threads cannot be killed.
+
+    def _drop_pending_tasks(self):
+        while True:
+            try:
+                self.tasks.get(block=False)
+            except queue.Empty:
+                return
+
+
+def parallel_apply_generator(func, iterable, workers, max_queue_size, dummy=False, random_seeds=True):
+    """Applies ``func`` to every item in parallel, yielding ``(index, result)`` as results arrive.
+
+    Args:
+        func: a function of one item. For processes it must be picklable where the start method is not
+            ``fork`` (a module-level function, not a lambda).
+        iterable: the items; it is read lazily, so it may be a large generator.
+        workers: number of worker processes (or threads with ``dummy=True``).
+        max_queue_size: at most ``max_queue_size + workers`` items are in flight (read but not yet
+            yielded), which bounds memory however long ``iterable`` is.
+        dummy: threads instead of processes.
+        random_seeds: for processes: ``True`` gives each a fresh NumPy / ``random`` seed so they draw
+            different numbers; a list gives one seed per process; ``False`` or ``None`` leaves them as
+            forked. Threads share the caller's RNG and are never reseeded.
+
+    An error raised by ``func`` is raised here, with its type and message (and, from a process, the
+    worker's traceback as its cause); the workers are then stopped.
+    """
+    pool = _WorkerPool(func, workers, dummy, random_seeds)
+    capacity = max(1, max_queue_size) + workers
+    finished = False
+    try:
+        in_flight = 0
+        for index, item in enumerate(iterable):
+            if in_flight >= capacity:
+                yield pool.receive()
+                in_flight -= 1
+            pool.submit(index, item)
+            in_flight += 1
+            # Hand out what is already done, so results stream out while the input is still being read.
+            while in_flight and (ready := pool.receive(block=False)) is not None:
+                yield ready
+                in_flight -= 1
+        for _ in range(in_flight):
+            yield pool.receive()
+        finished = True
+    finally:
+        pool.close(finished)
+
+
+def parallel_apply(
+    func,
+    iterable,
+    workers,
+    max_queue_size,
+    callback=None,
+    dummy=False,
+    random_seeds=True,
+    unordered=True,
+):
+    """Applies ``func`` to every item of ``iterable`` with parallel workers (see ``parallel_apply_generator``).
+
+    Without ``callback`` the results are returned as a list: in completion order, or in input order when
+    ``unordered=False``. With ``callback`` each result is passed to it as it arrives and nothing is
+    returned (this keeps memory flat for very long inputs).
+    """
+    results = parallel_apply_generator(func, iterable, workers, max_queue_size, dummy, random_seeds)
+    if callback is not None:
+        for _, result in results:
+            callback(result)
+        return None
+    if unordered:
+        return [result for _, result in results]
+    return [result for _, result in sorted(results, key=lambda pair: pair[0])]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data generators
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _attach_names(names, values):
+    """Wraps values in dicts keyed by (possibly nested) names, as Keras inputs are named."""
+    if is_string(names):
+        return {names: values}
+    if all(is_string(n) for n in names):
+        return dict(zip(names, values))
+    return tuple(_attach_names(n, v) for n, v in zip(names, values))
+
+
+def _map_leaves(fn, types, shapes):
+    """Walks ``types`` and ``shapes`` together; ``fn(dtype, shape)`` at each dtype leaf."""
+    if isinstance(types, dict):
+        return {key: _map_leaves(fn, types[key], shapes[key]) for key in types}
+    if isinstance(types, (list, tuple)):
+        return tuple(_map_leaves(fn, t, s) for t, s in zip(types, shapes))
+    return fn(types, shapes)
+
+
+def _as_tuples(template, value):
+    """Turns lists into tuples wherever the template has a tuple, so tf.data sees the declared structure."""
+    if isinstance(template, dict):
+        return {key: _as_tuples(template[key], value[key]) for key in template}
+    if isinstance(template, tuple):
+        return tuple(_as_tuples(t, v) for t, v in zip(template, value))
+    return value
+
+
+_NOTHING = object()  # marks an empty iterator, since None may be a legitimate item
+
+
+class DataGenerator:
+    """Base class for feeding data to a model, as in bert4keras.
+
+    Subclass it and write ``__iter__(self, random=False)`` yielding batches (for ``forfit`` /
+    ``to_pydataset``) or single samples (for ``to_dataset``, where tf.data does the batching), usually
+    by looping over ``self.sample(random)``::
+
+        class Generator(DataGenerator):
+            def __iter__(self, random=False):
+                batch_ids, batch_labels = [], []
+                for is_end, (text, label) in self.sample(random):
+                    batch_ids.append(tokenizer.encode(text)[0])
+                    batch_labels.append([label])
+                    if len(batch_ids) == self.batch_size or is_end:
+                        yield sequence_padding(batch_ids), sequence_padding(batch_labels)
+                        batch_ids, batch_labels = [], []
+
+        train_generator = Generator(train_data, batch_size=32)
+        model.fit(train_generator.forfit(), steps_per_epoch=len(train_generator), epochs=3)
+
+    Shuffling uses NumPy's global RNG, so ``np.random.seed`` makes runs repeatable.
+    """
+
+    def __init__(self, data, batch_size=32, buffer_size=None):
+        self.data = data
+        self.batch_size = batch_size
+        self.steps = math.ceil(len(data) / batch_size) if hasattr(data, "__len__") else None
+        self.buffer_size = buffer_size or batch_size * 1000
+
+    def __len__(self):
+        if self.steps is None:
+            raise TypeError(
+                f"{type(self).__name__}: the data has no length, so the number of steps is unknown; "
+                "pass steps_per_epoch to fit yourself"
+            )
+        return self.steps
+
+    def __iter__(self, random=False):
+        raise NotImplementedError(f"{type(self).__name__} must define __iter__(self, random=False)")
+
+    def sample(self, random=False):
+        """Yields ``(is_end, item)`` for every item of the data, ``is_end`` True for the last one.
+
+        With ``random`` the order is shuffled: fully when the data has a length, otherwise through a
+        buffer of ``buffer_size`` items (streams cannot be shuffled whole).
+        """
+        if not random:
+            items = iter(self.data)
+        elif self.steps is not None:
+            items = (self.data[i] for i in np.random.permutation(len(self.data)))
+        else:
+            items = self._buffer_shuffled()
+        previous = next(items, _NOTHING)
+        if previous is _NOTHING:
+            return
+        for item in items:
+            yield False, previous
+            previous = item
+        yield True, previous
+
+    def _buffer_shuffled(self):
+        buffer = []
+        for item in self.data:
+            buffer.append(item)
+            if len(buffer) > self.buffer_size:
+                yield _pop_random(buffer)
+        while buffer:
+            yield _pop_random(buffer)
+
+    def forfit(self, random=True):
+        """Loops over ``__iter__(random)`` forever: the endless stream ``fit`` wants with ``steps_per_epoch``."""
+        while True:
+            produced_any = False
+            for batch in self.__iter__(random):
+                produced_any = True
+                yield batch
+            if not produced_any:
+                raise ValueError(
+                    f"{type(self).__name__} produced nothing in a pass over its data (is the data a "
+                    "generator that can only be read once?); forfit would loop forever"
+                )
+
+    def fortest(self, random=False):
+        """One pass over ``__iter__(random)``, in order by default: for evaluation and prediction."""
+        yield from self.__iter__(random)
+
+    def to_dataset(self, types, shapes, names=None, padded_batch=False, random=True):
+        """An endless ``tf.data.Dataset`` built from ``forfit(random)``.
+
+        Here ``__iter__`` yields single samples and tf.data batches them by ``batch_size``.
+
+        Args:
+            types: dtype of each sample component, e.g. ``('int32', 'int32')``, nested like the samples.
+            shapes: shape of each component, e.g. ``([None], [None])``.
+            names: optional input names (a string, a tuple of strings, or nested tuples of them for
+                ``(inputs, targets)``); each component is then fed under its name, as Keras models with
+                named ``Input`` layers expect.
+            padded_batch: pad the samples of a batch to a common length (``None`` dimensions are padded
+                to the longest sample of the batch, fixed ones to the given size).
+            random: shuffle the samples on each pass (an addition to bert4keras, for tests and eval).
+        """
+        import tensorflow as tf  # tf.data glue: the only TensorFlow import of this module
+
+        if names is not None:
+            types, shapes = _attach_names(names, types), _attach_names(names, shapes)
+        types = _map_leaves(lambda t, s: t, types, shapes)  # lists become tuples, as samples will
+
+        def rank_only(dtype, shape):
+            return tf.TensorSpec([None] * len(shape), tf.as_dtype(dtype))
+
+        def full_spec(dtype, shape):
+            return tf.TensorSpec(shape, tf.as_dtype(dtype))
+
+        def samples():
+            for sample in self.forfit(random):
+                if names is not None:
+                    sample = _attach_names(names, sample)
+                yield _as_tuples(types, sample)
+
+        signature = _map_leaves(rank_only if padded_batch else full_spec, types, shapes)
+        dataset = tf.data.Dataset.from_generator(samples, output_signature=signature)
+        if padded_batch:
+            padded_shapes = _map_leaves(lambda t, s: tf.TensorShape(s), types, shapes)
+            return dataset.padded_batch(self.batch_size, padded_shapes=padded_shapes)
+        return dataset.batch(self.batch_size)
+
+    def to_pydataset(self, random=True, workers=1, use_multiprocessing=False, max_queue_size=10):
+        """A ``keras.utils.PyDataset`` serving ``forfit(random)``, for ``model.fit`` on any backend.
+
+        Each epoch takes ``len(self)`` batches from the stream, so ``__iter__`` should yield that many
+        per pass. Keras's batch index is ignored: the generator already decides the order, and its
+        ``__iter__`` cannot jump to a batch.
+
+        ``workers > 1`` runs that many Keras threads pulling from the one stream (batches may then come
+        slightly out of order: use ``workers=1`` for ``predict``). With
+        ``use_multiprocessing=True`` the batches are made in one background process (``__iter__`` is
+        sequential, so more processes would each redo the whole pass) and handed to Keras through a
+        queue, which keeps tokenization off the training process.
+        """
+        return _pydataset_class()(self, random, workers, use_multiprocessing, max_queue_size)
+
+
+def _pop_random(items):
+    """Removes and returns a random element in O(1): swap it with the last one first."""
+    i = np.random.randint(len(items))
+    items[i], items[-1] = items[-1], items[i]
+    return items.pop()
+
+
+def _produce_batches(generator, random, batches, seed):
+    """Background process of ``to_pydataset(use_multiprocessing=True)``: streams batches into a queue."""
+    _reseed(seed)
+    try:
+        for batch in generator.forfit(random):
+            batches.put((True, batch))
+    except BaseException as error:  # noqa: BLE001 - the consumer must learn why the stream stopped
+        batches.put((False, _portable_error(error)))
+
+
+class _ProcessBatchStream:
+    """Iterator over batches made by ``_produce_batches`` in a daemon process."""
+
+    def __init__(self, generator, random, max_queue_size):
+        import multiprocessing
+
+        context = multiprocessing.get_context()
+        self.batches = context.Queue(max(1, max_queue_size))
+        seed = int(np.random.randint(2**31))  # drawn here so np.random.seed in the caller still counts
+        self.process = context.Process(
+            target=_produce_batches, args=(generator, random, self.batches, seed), daemon=True
+        )
+        self.process.start()
+
+    def __next__(self):
+        while True:
+            try:
+                ok, payload = self.batches.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise RuntimeError(
+                        f"to_pydataset: the batch process died (exit code {self.process.exitcode})"
+                    ) from None
+        if not ok:
+            _raise_worker_error(*payload)
+        return payload
+
+    def close(self):
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join()
+        self.batches.close()
+        self.batches.cancel_join_thread()
+
+
+@functools.cache
+def _pydataset_class():
+    """Defined on first use so that importing this module does not import Keras."""
+    import keras
+
+    class DataGeneratorPyDataset(keras.utils.PyDataset):
+        """Serves a DataGenerator's endless ``forfit`` stream to Keras, ``len(generator)`` batches an epoch."""
+
+        def __init__(self, generator, random, workers, use_multiprocessing, max_queue_size):
+            # Keras's own processes would each copy the generator and repeat its batches; ours is one.
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
+            self.generator = generator
+            self.random = random
+            self.steps = generator.steps
+            self._make_stream = (
+                functools.partial(_ProcessBatchStream, generator, random, max_queue_size)
+                if use_multiprocessing
+                else functools.partial(generator.forfit, random)
+            )
+            self._stream = None
+            self._lock = threading.Lock()
+            self._within_epoch = False
+            # Keras's TensorFlow path reads the first batches before the first epoch to learn their
+            # signature; they are kept and handed out again first in the epoch, so that an epoch is one
+            # pass and predict() keeps the data's order. Only with workers <= 1: Keras's worker threads
+            # may start reading just before on_epoch_begin, and their batches must not come twice.
+            self._keep_peeked = workers <= 1
+            self._peeked = collections.deque()
+
+        @property
+        def num_batches(self):
+            return self.steps  # None: endless, and fit needs steps_per_epoch
+
+        def __getitem__(self, index):
+            with self._lock:
+                if self._within_epoch and self._peeked:
+                    return self._peeked.popleft()
+                batch = self._next_batch()
+                if self._keep_peeked and not self._within_epoch:
+                    self._peeked.append(batch)
+                return batch
+
+        def __iter__(self):
+            # A plain loop over the dataset reads the stream directly, with nothing kept for later.
+            for _ in range(self.steps) if self.steps is not None else itertools.count():
+                with self._lock:
+                    batch = self._peeked.popleft() if self._peeked else self._next_batch()
+                yield batch
+
+        def _next_batch(self):
+            if self._stream is None:
+                self._stream = self._make_stream()
+            return next(self._stream)
+
+        def on_epoch_begin(self):
+            self._within_epoch = True
+
+        def on_epoch_end(self):
+            self._within_epoch = False
+
+        def close(self):
+            """Stops the background batch process, if any."""
+            stream = getattr(self, "_stream", None)  # __init__ may have failed before setting it
+            if isinstance(stream, _ProcessBatchStream):
+                stream.close()
+            self._stream = None
+
+        def __del__(self):
+            self.close()
+
+    return DataGeneratorPyDataset
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Viterbi decoding
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ViterbiDecoder:
+    """Best label path under emission plus transition scores (log space), as for a CRF.
+
+    ``trans[i, j]`` scores label ``i`` followed by label ``j``. ``starts`` / ``ends`` optionally list the
+    labels allowed first / last (for example to forbid a sequence that starts inside an entity).
+    """
+
+    def __init__(self, trans, starts=None, ends=None):
+        self.trans = np.asarray(trans)
+        self.num_labels = len(self.trans)
+        self.non_starts = self._forbidden(starts)
+        self.non_ends = self._forbidden(ends)
+
+    def _forbidden(self, allowed):
+        if allowed is None:
+            return []
+        allowed = set(allowed)
+        return [label for label in range(self.num_labels) if label not in allowed]
+
+    def decode(self, nodes):
+        """``nodes[t, label]``: emission score; returns the highest-scoring label per position."""
+        nodes = np.array(nodes, dtype=np.float64)  # a copy: the caller's scores are left untouched
+        nodes[0, self.non_starts] = -np.inf
+        nodes[-1, self.non_ends] = -np.inf
+        scores = nodes[0]  # scores[j]: best score of a path ending with label j
+        backpointers = []
+        for emission in nodes[1:]:
+            candidates = scores[:, None] + self.trans + emission[None, :]  # [previous, current]
+            best_previous = candidates.argmax(axis=0)
+            backpointers.append(best_previous)
+            scores = candidates[best_previous, np.arange(self.num_labels)]
+        path = [int(scores.argmax())]
+        for best_previous in reversed(backpointers):
+            path.append(int(best_previous[path[-1]]))
+        return np.array(path[::-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AutoRegressiveDecoder (beam search, sampling)
+# To be written by the lead on top of the models' key/value cache; bert4keras scripts import it from here.
+# ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,315 @@
+"""Checkpoints: the real MiniLM against transformers' outputs, Google checkpoints written by an
+independent converter in this file, round trips of our writers, and every kind of bad checkpoint."""
+
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from safetensors.numpy import load_file, save_file
+
+from bert4k.checkpoints import (
+    CheckpointError,
+    save_weights_as_checkpoint,
+    save_weights_as_safetensors,
+)
+from bert4k.models import build_transformer_model
+
+# Google BERT release names (google-research/bert modeling.py) for Hugging Face BertModel names;
+# True where Google keeps the transposed ([in, out]) matrix. Written out here, independently of
+# bert4k's own table, so a mistake there cannot cancel itself out.
+HF_TO_GOOGLE = {
+    "embeddings.word_embeddings.weight": ("bert/embeddings/word_embeddings", False),
+    "embeddings.token_type_embeddings.weight": ("bert/embeddings/token_type_embeddings", False),
+    "embeddings.position_embeddings.weight": ("bert/embeddings/position_embeddings", False),
+    "embeddings.LayerNorm.weight": ("bert/embeddings/LayerNorm/gamma", False),
+    "embeddings.LayerNorm.bias": ("bert/embeddings/LayerNorm/beta", False),
+    "pooler.dense.weight": ("bert/pooler/dense/kernel", True),
+    "pooler.dense.bias": ("bert/pooler/dense/bias", False),
+}
+HF_LAYER_TO_GOOGLE = {
+    "attention.self.query.weight": ("attention/self/query/kernel", True),
+    "attention.self.query.bias": ("attention/self/query/bias", False),
+    "attention.self.key.weight": ("attention/self/key/kernel", True),
+    "attention.self.key.bias": ("attention/self/key/bias", False),
+    "attention.self.value.weight": ("attention/self/value/kernel", True),
+    "attention.self.value.bias": ("attention/self/value/bias", False),
+    "attention.output.dense.weight": ("attention/output/dense/kernel", True),
+    "attention.output.dense.bias": ("attention/output/dense/bias", False),
+    "attention.output.LayerNorm.weight": ("attention/output/LayerNorm/gamma", False),
+    "attention.output.LayerNorm.bias": ("attention/output/LayerNorm/beta", False),
+    "intermediate.dense.weight": ("intermediate/dense/kernel", True),
+    "intermediate.dense.bias": ("intermediate/dense/bias", False),
+    "output.dense.weight": ("output/dense/kernel", True),
+    "output.dense.bias": ("output/dense/bias", False),
+    "output.LayerNorm.weight": ("output/LayerNorm/gamma", False),
+    "output.LayerNorm.bias": ("output/LayerNorm/beta", False),
+}
+
+
+def google_name(hf_name):
+    match = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", hf_name)
+    if match:
+        name, transposed = HF_LAYER_TO_GOOGLE[match.group(2)]
+        return f"bert/encoder/layer_{match.group(1)}/{name}", transposed
+    return HF_TO_GOOGLE[hf_name]
+
+
+def write_tf_checkpoint(prefix, variables):
+    names = sorted(variables)
+    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=[tf.constant(variables[n]) for n in names])
+
+
+def hf_to_google_checkpoint(safetensors_path, prefix, with_optimizer_slots=True):
+    """Convert a HF BertModel file into a Google checkpoint, as TF1 training would have left it."""
+    variables = {}
+    for hf, value in load_file(safetensors_path).items():
+        if hf.endswith("position_ids"):
+            continue
+        name, transposed = google_name(hf)
+        variables[name] = value.T.copy() if transposed else value
+        if with_optimizer_slots:
+            variables[name + "/adam_m"] = np.zeros_like(variables[name])
+            variables[name + "/adam_v"] = np.zeros_like(variables[name])
+    if with_optimizer_slots:
+        variables["global_step"] = np.array(1000, dtype=np.int64)
+    write_tf_checkpoint(prefix, variables)
+
+
+def minilm_outputs(model, reference):
+    probe = keras.Model(model.inputs, [model.get_layer("Transformer-5-FeedForward-Norm").output,
+                                       model.output])
+    return probe.predict([reference["token_ids"], reference["segment_ids"]], verbose=0)
+
+
+def assert_matches_reference(model, reference):
+    sequence, pooled = minilm_outputs(model, reference)
+    real = reference["token_ids"] != 0
+    # Real tokens to 1e-4; padded positions (whose outputs nobody uses) to 1e-3.
+    assert np.abs(sequence - reference["sequence_output"])[real].max() <= 1e-4
+    assert np.abs(sequence - reference["sequence_output"]).max() <= 1e-3
+    assert np.abs(pooled - reference["pooled_output"]).max() <= 1e-4
+
+
+# -- the real MiniLM ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return build_transformer_model(minilm_dir / "config.json", minilm_dir, with_pool=True)
+
+
+@pytest.mark.slow
+def test_minilm_safetensors_matches_transformers(minilm, minilm_reference):
+    assert_matches_reference(minilm, minilm_reference)
+
+
+@pytest.mark.slow
+def test_minilm_google_checkpoint_matches_transformers(minilm_dir, minilm_reference, tmp_path):
+    prefix = tmp_path / "bert_model.ckpt"
+    hf_to_google_checkpoint(minilm_dir / "model.safetensors", prefix)
+    model = build_transformer_model(minilm_dir / "config.json", prefix, with_pool=True)
+    assert_matches_reference(model, minilm_reference)
+
+
+@pytest.mark.slow
+def test_minilm_prefixed_and_gamma_beta_names_load(minilm_dir, minilm_reference, tmp_path):
+    renamed = {}
+    for name, value in load_file(minilm_dir / "model.safetensors").items():
+        name = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", name)
+        name = re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", name)
+        renamed["bert." + name] = value
+    path = tmp_path / "renamed.safetensors"
+    save_file(renamed, path)
+    model = build_transformer_model(minilm_dir / "config.json", path, with_pool=True)
+    assert_matches_reference(model, minilm_reference)
+
+
+@pytest.mark.slow
+def test_saved_safetensors_uses_hugging_face_names(minilm, minilm_dir, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_weights_as_safetensors(minilm, path)
+    saved = load_file(path)
+    original = {k: v for k, v in load_file(minilm_dir / "model.safetensors").items()
+                if not k.endswith("position_ids")}
+    assert set(saved) == {"bert." + k for k in original}
+    for name, value in original.items():
+        np.testing.assert_array_equal(saved["bert." + name], value)
+
+
+@pytest.mark.slow
+def test_saved_google_checkpoint_reloads_exactly(minilm, minilm_dir, minilm_reference, tmp_path):
+    prefix = tmp_path / "out" / "bert_model.ckpt"
+    save_weights_as_checkpoint(minilm, prefix)
+    stored = dict(tf.train.list_variables(str(prefix)))
+    expected = {google_name(k)[0] for k in load_file(minilm_dir / "model.safetensors")
+                if not k.endswith("position_ids")}
+    assert set(stored) == expected
+    reloaded = build_transformer_model(minilm_dir / "config.json", prefix, with_pool=True)
+    for a, b in zip(minilm_outputs(minilm, minilm_reference),
+                    minilm_outputs(reloaded, minilm_reference)):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- heads and the NSP orientation, on a tiny model ------------------------------------------------
+
+
+def tiny_google_variables(config, rng, layers=None):
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    shapes = {
+        "bert/embeddings/word_embeddings": (v, h),
+        "bert/embeddings/token_type_embeddings": (config["segment_vocab_size"], h),
+        "bert/embeddings/position_embeddings": (config["max_position"], h),
+        "bert/embeddings/LayerNorm/gamma": (h,),
+        "bert/embeddings/LayerNorm/beta": (h,),
+        "bert/pooler/dense/kernel": (h, h),
+        "bert/pooler/dense/bias": (h,),
+        "cls/seq_relationship/output_weights": (2, h),
+        "cls/seq_relationship/output_bias": (2,),
+        "cls/predictions/transform/dense/kernel": (h, h),
+        "cls/predictions/transform/dense/bias": (h,),
+        "cls/predictions/transform/LayerNorm/gamma": (h,),
+        "cls/predictions/transform/LayerNorm/beta": (h,),
+        "cls/predictions/output_bias": (v,),
+    }
+    for n in range(config["num_hidden_layers"] if layers is None else layers):
+        for name, _ in HF_LAYER_TO_GOOGLE.values():
+            shapes[f"bert/encoder/layer_{n}/{name}"] = block_shape(name, h, i)
+    return {k: rng.normal(size=s).astype("float32") for k, s in shapes.items()}
+
+
+def block_shape(name, hidden, intermediate):
+    if name.startswith("intermediate/"):
+        return (hidden, intermediate) if name.endswith("kernel") else (intermediate,)
+    if name.startswith("output/dense"):
+        return (intermediate, hidden) if name.endswith("kernel") else (hidden,)
+    return (hidden, hidden) if name.endswith("kernel") else (hidden,)
+
+
+def test_google_heads_load_with_nsp_not_transposed(tiny_config, tmp_path):
+    variables = tiny_google_variables(tiny_config, np.random.default_rng(0))
+    write_tf_checkpoint(tmp_path / "bert_model.ckpt", variables)
+    model = build_transformer_model(checkpoint_path=tmp_path / "bert_model.ckpt", with_nsp=True,
+                                    with_mlm=True, **tiny_config)
+    kernel, bias = model.get_layer("NSP-Proba").get_weights()
+    np.testing.assert_array_equal(kernel, variables["cls/seq_relationship/output_weights"].T)
+    np.testing.assert_array_equal(bias, variables["cls/seq_relationship/output_bias"])
+    ff = model.get_layer("Transformer-1-FeedForward")
+    np.testing.assert_array_equal(ff.i0_dense.kernel.numpy(),
+                                  variables["bert/encoder/layer_1/intermediate/dense/kernel"])
+    np.testing.assert_array_equal(model.get_layer("MLM-Bias").get_weights()[0],
+                                  variables["cls/predictions/output_bias"])
+
+
+def test_tiny_checkpoint_and_safetensors_round_trip(tiny_config, tmp_path):
+    model = build_transformer_model(with_nsp=True, with_mlm=True, **tiny_config)
+    ids = np.array([[2, 7, 9, 11, 3, 0]], "int32")
+    inputs = [ids, np.zeros_like(ids)]
+    expected = model.predict(inputs, verbose=0)
+    save_weights_as_checkpoint(model, tmp_path / "ckpt" / "bert_model.ckpt")
+    save_weights_as_safetensors(model, tmp_path / "hf" / "model.safetensors")
+    for path in (tmp_path / "ckpt" / "bert_model.ckpt", tmp_path / "hf"):
+        reloaded = build_transformer_model(checkpoint_path=path, with_nsp=True, with_mlm=True,
+                                           **tiny_config)
+        for a, b in zip(expected, reloaded.predict(inputs, verbose=0)):
+            np.testing.assert_array_equal(a, b)
+
+
+# -- bad checkpoints --------------------------------------------------------------------------------
+
+
+def test_every_problem_is_reported_at_once(tiny_config, tmp_path):
+    variables = tiny_google_variables(tiny_config, np.random.default_rng(0), layers=3)
+    del variables["bert/encoder/layer_0/attention/self/query/bias"]
+    variables["bert/pooler/dense/kernel"] = np.zeros((5, 5), "float32")
+    write_tf_checkpoint(tmp_path / "bert_model.ckpt", variables)
+    with pytest.raises(CheckpointError) as error:
+        build_transformer_model(checkpoint_path=tmp_path / "bert_model.ckpt", with_pool=True,
+                                **tiny_config)
+    message = str(error.value)
+    assert "bert/encoder/layer_0/attention/self/query/bias" in message  # missing
+    assert "bert/encoder/layer_2/attention/self/query/kernel" in message  # unexpected block
+    assert "bert/pooler/dense/kernel: checkpoint shape (5, 5)" in message and "(32, 32)" in message
+
+
+def test_checkpoint_of_another_size(minilm_dir, tiny_config):
+    with pytest.raises(CheckpointError, match=r"word_embeddings.*\(30522, 384\)"):
+        build_transformer_model(checkpoint_path=minilm_dir, **tiny_config)
+
+
+def test_checkpoint_of_another_family(tiny_config, tmp_path):
+    albert = {
+        "bert/embeddings/word_embeddings": np.zeros((120, 16), "float32"),
+        "bert/encoder/transformer/group_0/inner_group_0/attention_1/self/query/kernel":
+            np.zeros((32, 32), "float32"),
+    }
+    write_tf_checkpoint(tmp_path / "albert.ckpt", albert)
+    with pytest.raises(CheckpointError, match="group_0/inner_group_0"):
+        build_transformer_model(checkpoint_path=tmp_path / "albert.ckpt", **tiny_config)
+
+
+def test_ignore_invalid_weights_warns_and_loads_the_rest(tiny_config, tmp_path):
+    variables = tiny_google_variables(tiny_config, np.random.default_rng(0))
+    del variables["bert/pooler/dense/bias"]
+    write_tf_checkpoint(tmp_path / "bert_model.ckpt", variables)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_transformer_model(checkpoint_path=tmp_path / "bert_model.ckpt",
+                                        with_pool=True, ignore_invalid_weights=True,
+                                        **tiny_config)
+    assert any("pooler/dense/bias" in str(w.message) for w in caught)
+    np.testing.assert_array_equal(model.get_layer("Pooler-Dense").kernel.numpy(),
+                                  variables["bert/pooler/dense/kernel"])
+
+
+def test_truncated_safetensors_names_the_file(tiny_config, tmp_path):
+    model = build_transformer_model(**tiny_config)
+    path = tmp_path / "model.safetensors"
+    save_weights_as_safetensors(model, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        build_transformer_model(checkpoint_path=path, **tiny_config)
+
+
+def test_truncated_tf_checkpoint_names_the_file(tiny_config, tmp_path):
+    model = build_transformer_model(**tiny_config)
+    prefix = tmp_path / "bert_model.ckpt"
+    save_weights_as_checkpoint(model, prefix)
+    data_file = tmp_path / "bert_model.ckpt.data-00000-of-00001"
+    data_file.write_bytes(data_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="bert_model.ckpt"):
+        build_transformer_model(checkpoint_path=prefix, **tiny_config)
+
+
+def test_missing_checkpoint_path(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
+        build_transformer_model(checkpoint_path=tmp_path / "nothing.ckpt", **tiny_config)
+    with pytest.raises(FileNotFoundError, match="No weights in directory"):
+        build_transformer_model(checkpoint_path=tmp_path, **tiny_config)
+
+
+def test_pytorch_pickle_is_never_unpickled_without_torch(tiny_config, tmp_path):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch is installed here: the file would be read with weights_only=True")
+    marker = tmp_path / "executed"
+    payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    (tmp_path / "pytorch_model.bin").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="weights_only=True.*safetensors"):
+        build_transformer_model(checkpoint_path=tmp_path, **tiny_config)
+    assert not marker.exists()
+
+
+def test_failed_save_leaves_no_files(tiny_config, tmp_path):
+    base = build_transformer_model(**tiny_config)
+    extended = keras.Model(base.inputs, keras.layers.Dense(2, name="classifier")(base.output))
+    with pytest.raises(CheckpointError, match="classifier"):
+        save_weights_as_checkpoint(extended, tmp_path / "bert_model.ckpt")
+    assert list(tmp_path.iterdir()) == []
