@@ -704,13 +704,59 @@ class _ProcessBatchStream:
         self.batches.cancel_join_thread()
 
 
+def _map_batch(fn, *batches):
+    """Applies ``fn`` leaf by leaf to batches of the same (tuple / list / dict) structure."""
+    first = batches[0]
+    if isinstance(first, dict):
+        return {key: _map_batch(fn, *(b[key] for b in batches)) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_map_batch(fn, *parts) for parts in zip(*batches))
+    return fn(*batches)
+
+
+def _merged_shape(array, shape):
+    """Per dimension: the common size, or None where they differ (as Keras infers a signature)."""
+    if shape is None or np.ndim(array) != len(shape):
+        return None  # ranks differ: Keras refuses such batches itself, with its own message
+    return tuple(a if a == b else None for a, b in zip(np.shape(array), shape))
+
+
+def _pad_to_signature(array, signature):
+    """Zero-pads the sequence dimensions that Keras fixed from its first batches (batch axis excluded)."""
+    array = np.asarray(array)
+    if signature is None or array.ndim != len(signature):
+        return array
+    pad_width = [(0, 0)]
+    for axis, (size, fixed) in enumerate(zip(array.shape[1:], signature[1:]), 1):
+        if fixed is None or size == fixed:
+            pad_width.append((0, 0))
+        elif size < fixed:
+            pad_width.append((0, fixed - size))
+        else:
+            raise ValueError(
+                f"to_pydataset: a batch has size {size} on axis {axis}, but Keras fixed that axis to "
+                f"{fixed} from the first batches it read. Pad that axis to a fixed length, or use "
+                "to_dataset(types, shapes) to declare the shapes."
+            )
+    return np.pad(array, pad_width) if any(after for _, after in pad_width) else array
+
+
 @functools.cache
 def _pydataset_class():
     """Defined on first use so that importing this module does not import Keras."""
     import keras
 
     class DataGeneratorPyDataset(keras.utils.PyDataset):
-        """Serves a DataGenerator's endless ``forfit`` stream to Keras, ``len(generator)`` batches an epoch."""
+        """Serves a DataGenerator's endless ``forfit`` stream to Keras, ``len(generator)`` batches an epoch.
+
+        On TensorFlow, Keras reads the first batches before the first epoch ("peeks") to infer the
+        dataset's signature, fixing every dimension that happens to be equal in them. Two things follow:
+        - the peeked batches are handed out again first in the epoch, so an epoch is one pass and
+          predict() keeps the data's order (only with ``workers <= 1``: Keras's worker threads may start
+          reading just before ``on_epoch_begin``, and their batches must not come twice);
+        - a later batch padded shorter along a dimension Keras fixed (for example no text in it reaches
+          ``maxlen``) is zero-padded up to that size instead of failing the epoch.
+        """
 
         def __init__(self, generator, random, workers, use_multiprocessing, max_queue_size):
             # Keras's own processes would each copy the generator and repeat its batches; ours is one.
@@ -726,12 +772,10 @@ def _pydataset_class():
             self._stream = None
             self._lock = threading.Lock()
             self._within_epoch = False
-            # Keras's TensorFlow path reads the first batches before the first epoch to learn their
-            # signature; they are kept and handed out again first in the epoch, so that an epoch is one
-            # pass and predict() keeps the data's order. Only with workers <= 1: Keras's worker threads
-            # may start reading just before on_epoch_begin, and their batches must not come twice.
             self._keep_peeked = workers <= 1
             self._peeked = collections.deque()
+            self._signature = None  # leaf by leaf, the shape Keras inferred from the batches it peeked at
+            self._next_peek_is_new = True  # a peek after an epoch began comes from a new Keras adapter
 
         @property
         def num_batches(self):
@@ -739,12 +783,23 @@ def _pydataset_class():
 
         def __getitem__(self, index):
             with self._lock:
-                if self._within_epoch and self._peeked:
-                    return self._peeked.popleft()
-                batch = self._next_batch()
-                if self._keep_peeked and not self._within_epoch:
-                    self._peeked.append(batch)
+                if not self._within_epoch:
+                    return self._peek()
+                batch = self._peeked.popleft() if self._peeked else self._next_batch()
+                if self._signature is not None:
+                    batch = _map_batch(_pad_to_signature, batch, self._signature)
                 return batch
+
+        def _peek(self):
+            batch = self._next_batch()
+            if self._keep_peeked:
+                self._peeked.append(batch)
+            if self._next_peek_is_new:
+                self._signature = _map_batch(np.shape, batch)
+                self._next_peek_is_new = False
+            else:
+                self._signature = _map_batch(_merged_shape, batch, self._signature)
+            return batch
 
         def __iter__(self):
             # A plain loop over the dataset reads the stream directly, with nothing kept for later.
@@ -760,6 +815,7 @@ def _pydataset_class():
 
         def on_epoch_begin(self):
             self._within_epoch = True
+            self._next_peek_is_new = True
 
         def on_epoch_end(self):
             self._within_epoch = False

@@ -174,7 +174,7 @@ sentences = st.lists(st.text(alphabet="abc", min_size=1, max_size=6), min_size=1
 
 
 @settings(max_examples=80, deadline=None)
-@given(sentences, st.lists(st.sampled_from("。，"), min_size=12, max_size=12), st.integers(6, 20))
+@given(sentences, st.lists(st.sampled_from("。，"), min_size=12, max_size=12), st.integers(7, 20))
 def test_text_segmentate_recovers_text_and_respects_maxlen(words, marks, maxlen):
     text = "".join(w + m for w, m in zip(words, marks))
     pieces = text_segmentate(text, maxlen, "。，")
