@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import unicodedata
+from itertools import chain
 
 import sentencepiece
 
@@ -177,7 +178,9 @@ class TokenizerBase:
 
     def tokenize(self, text, maxlen=None):
         """Tokens of text, with the start/end tokens, truncated before the end token to maxlen."""
-        tokens = [self._token_translate.get(t) or t for t in self._tokenize(text)]
+        tokens = self._tokenize(text)
+        if self._token_translate:
+            tokens = [self._token_translate.get(t) or t for t in tokens]
         if self._token_start is not None:
             tokens.insert(0, self._token_start)
         if self._token_end is not None:
@@ -275,6 +278,10 @@ class Tokenizer(TokenizerBase):
     def token_to_id(self, token):
         return self._token_dict.get(token, self._token_unk_id)
 
+    def tokens_to_ids(self, tokens):
+        get, unk = self._token_dict.get, self._token_unk_id
+        return [get(token, unk) for token in tokens]
+
     def id_to_token(self, i):
         try:
             return self._token_dict_inv[i]
@@ -303,7 +310,8 @@ class Tokenizer(TokenizerBase):
 
     def _basic_words(self, text):
         """BERT's BasicTokenizer: drop controls, NFC, lowercase, strip accents, split punctuation/CJK."""
-        text = text.translate(_CLEAN)
+        if not text.isprintable() or '\ufffd' in text:  # isprintable: no C*/Z* other than ' '
+            text = text.translate(_CLEAN)
         if not text.isascii():
             text = unicodedata.normalize('NFC', text)
         if self._special_re is not None and self._special_re.search(text):
@@ -326,16 +334,14 @@ class Tokenizer(TokenizerBase):
         return text.translate(_SPLIT_DROP_MN)
 
     def _word_pieces(self, words):
-        cache, tokens = self._word_cache, []
-        for word in words:
-            pieces = cache.get(word)
-            if pieces is None:
-                pieces = self._split_word(word)
-                if len(cache) >= _WORD_CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = pieces
-            tokens += pieces
-        return tokens
+        cache_get, split = self._word_cache.get, self._split_word_cached
+        return list(chain.from_iterable([cache_get(word) or split(word) for word in words]))
+
+    def _split_word_cached(self, word):
+        if len(self._word_cache) >= _WORD_CACHE_LIMIT:
+            self._word_cache.clear()
+        pieces = self._word_cache[word] = self._split_word(word)
+        return pieces
 
     def _split_word(self, word):
         """Greedy longest-match-first WordPiece; a word with an unmatched rest is one unk token."""

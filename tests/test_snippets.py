@@ -227,8 +227,8 @@ def test_parallel_apply_stops_early_when_the_caller_does():
 
 
 def make_samples(count=10):
-    """(token ids of varying length, label) pairs; ids start with the sample number to recognize it."""
-    return [([k] + [k + 100] * (k % 4), k % 2) for k in range(count)]
+    """(token ids of length 1-4, label) pairs; the first id is the sample number + 1 (0 is padding)."""
+    return [([k + 1] + [k + 101] * (k % 4), k % 2) for k in range(count)]
 
 
 class BatchGenerator(DataGenerator):
@@ -251,7 +251,7 @@ class SampleGenerator(DataGenerator):
 
 
 def sample_order(batches):
-    return [int(row[0]) for ids, _ in batches for row in ids]
+    return [int(row[0]) - 1 for ids, _ in batches for row in ids]
 
 
 def test_generator_length_and_ordered_pass():
@@ -260,7 +260,7 @@ def test_generator_length_and_ordered_pass():
     batches = list(generator.fortest())
     assert [len(ids) for ids, _ in batches] == [4, 4, 2]
     assert sample_order(batches) == list(range(10))
-    np.testing.assert_array_equal(batches[2][0], np.array([[8, 0], [9, 109]]))
+    np.testing.assert_array_equal(batches[2][0], np.array([[9, 0], [10, 110]]))
 
 
 def test_sample_marks_only_the_last_item():
@@ -287,7 +287,7 @@ def test_sample_shuffles_unsized_data_through_a_buffer():
     assert generator.steps is None
     with pytest.raises(TypeError, match="no length"):
         len(generator)
-    order = [d[0][0] for _, d in generator.sample(random=True)]
+    order = [d[0][0] - 1 for _, d in generator.sample(random=True)]
     assert sorted(order) == list(range(30)) and order != list(range(30))
 
 
@@ -301,7 +301,7 @@ def test_forfit_refuses_to_spin_on_exhausted_data():
 
 def test_to_dataset_gives_the_generators_padded_batches():
     pytest.importorskip("tensorflow")
-    samples = make_samples(10)
+    samples = make_samples(12)  # whole batches: the endless stream would otherwise batch across passes
     expected = list(BatchGenerator(samples, batch_size=4).fortest())
     dataset = SampleGenerator(samples, batch_size=4).to_dataset(
         types=("int32", "int32"), shapes=([None], [1]), padded_batch=True, random=False
@@ -327,21 +327,37 @@ def test_to_dataset_names_inputs_and_fixed_shapes():
     assert set(batch) == {"Input-Token", "label"}
     assert batch["Input-Token"].shape == (3, 5)
     np.testing.assert_array_equal(batch["label"].numpy()[:, 0], [0, 1, 0])
+    np.testing.assert_array_equal(batch["Input-Token"].numpy()[1], [2, 102, 0, 0, 0])
 
 
 def test_to_pydataset_serves_the_stream_in_order_and_replays_peeked_batches():
     pytest.importorskip("keras")
-    generator = BatchGenerator(make_samples(10), batch_size=4)
-    expected = sample_order(generator.fortest())
+    generator = BatchGenerator(make_samples(10), batch_size=4)  # widths 4, 4, 2
+    expected = list(generator.fortest())
     pydataset = generator.to_pydataset(random=False)
     assert pydataset.num_batches == 3
     # Keras's TensorFlow path peeks at batches 0 and 1 before the epoch starts
-    pydataset[0], pydataset[1]
+    peeked = [pydataset[0], pydataset[1]]
+    np.testing.assert_array_equal(peeked[1][0], expected[1][0])
     pydataset.on_epoch_begin()
     epoch = [pydataset[i] for i in range(3)]
     pydataset.on_epoch_end()
-    assert sample_order(epoch) == expected
-    assert sample_order(list(pydataset)) == expected  # the next pass
+    assert sample_order(epoch) == list(range(10))
+    # both peeked batches were 4 wide, so Keras fixed that width: the last batch is zero-padded to it
+    np.testing.assert_array_equal(epoch[2][0], np.pad(expected[2][0], [(0, 0), (0, 2)]))
+    np.testing.assert_array_equal(epoch[2][1], expected[2][1])
+    assert sample_order(list(pydataset)) == list(range(10))  # the next pass, read directly
+
+
+def test_to_pydataset_explains_a_batch_wider_than_keras_expects():
+    pytest.importorskip("keras")
+    samples = [([1], 0), ([2], 1), ([3, 4, 5], 0)]
+    pydataset = BatchGenerator(samples, batch_size=1).to_pydataset(random=False)
+    pydataset[0], pydataset[1]
+    pydataset.on_epoch_begin()
+    pydataset[0], pydataset[1]
+    with pytest.raises(ValueError, match="axis 1"):
+        pydataset[2]
 
 
 def test_to_pydataset_with_a_batch_process():
@@ -354,19 +370,28 @@ def test_to_pydataset_with_a_batch_process():
         pydataset.close()
 
 
-def test_to_pydataset_fits_and_predicts_with_keras():
-    keras = pytest.importorskip("keras")
+def build_tiny_classifier(keras):
     keras.utils.set_random_seed(0)
     inputs = keras.Input(shape=(None,), dtype="int32")
-    hidden = keras.layers.Embedding(200, 8)(inputs)
-    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling1D()(hidden))
-    model = keras.Model(inputs, outputs)
+    hidden = keras.layers.Embedding(200, 8, mask_zero=True)(inputs)
+    pooled = keras.layers.GlobalAveragePooling1D()(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
     model.compile(optimizer="adam", loss="binary_crossentropy")
+    return model
 
-    train = BatchGenerator(make_samples(16), batch_size=4)
-    history = model.fit(train.to_pydataset(workers=2), epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_to_pydataset_fits_with_keras(workers):
+    keras = pytest.importorskip("keras")
+    model = build_tiny_classifier(keras)
+    train = BatchGenerator(make_samples(10), batch_size=4)  # widths vary: 4, 4, 2 in order
+    history = model.fit(train.to_pydataset(random=False, workers=workers), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.all(np.isfinite(history.history["loss"]))
+
+
+def test_to_pydataset_predicts_in_order():
+    keras = pytest.importorskip("keras")
+    model = build_tiny_classifier(keras)
     test = BatchGenerator(make_samples(10), batch_size=4)
     predicted = model.predict(test.to_pydataset(random=False), verbose=0)
     one_by_one = np.concatenate([model.predict_on_batch(ids) for ids, _ in test.fortest()])
