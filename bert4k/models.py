@@ -19,7 +19,8 @@ APPLICATIONS = {"encoder": "padding", "lm": "causal", "unilm": "unilm"}
 class Transformer:
     """Base builder: an embedding stack, `num_hidden_layers` blocks and a family's final layers."""
 
-    family = None  # the checkpoint mapping table (checkpoints.TABLES) this model reads and writes
+    family = None  # the checkpoint mapping table (checkpoints.FAMILIES) this model reads and writes
+    pre_norm = False  # GPT-2 and T5 normalise before each sublayer instead of after
 
     def __init__(
         self,
@@ -133,8 +134,49 @@ class Transformer:
     def apply_embeddings(self, inputs):
         raise NotImplementedError
 
+    def block_name(self, index):
+        """Prefix of block `index`'s layer names; ALBERT drops the index so blocks share layers."""
+        return f"Transformer-{index}"
+
     def apply_main_layers(self, x, index):
-        raise NotImplementedError
+        """One transformer block: self-attention, then feed-forward, each a residual sublayer."""
+        block = self.block_name(index)
+        x = self.apply_residual(
+            x, L.MultiHeadAttention, f"{block}-MultiHeadSelfAttention",
+            sublayer_inputs=lambda h: [h, h, h], arguments=self.attention_arguments(index),
+            **self.attention_settings(),
+        )
+        return self.apply_residual(x, L.FeedForward, f"{block}-FeedForward",
+                                   **self.feed_forward_settings())
+
+    def attention_arguments(self, index):
+        """Tensors passed to block `index`'s attention call (bias; position bias; cache)."""
+        return {"bias": self.attention_bias}
+
+    def attention_settings(self):
+        return dict(
+            heads=self.num_attention_heads, head_size=self.attention_head_size,
+            key_size=self.attention_key_size, attention_dropout=self.attention_dropout_rate,
+            kernel_initializer=self.initializer,
+        )
+
+    def feed_forward_settings(self):
+        return dict(units=self.intermediate_size, activation=self.hidden_act,
+                    kernel_initializer=self.initializer)
+
+    def apply_residual(self, x, layer, name, sublayer_inputs=None, arguments=None, **settings):
+        """One residual sublayer. Post-norm (BERT): sublayer, dropout, add, norm. Pre-norm
+        (GPT-2, T5): norm, sublayer, dropout, add. `sublayer_inputs(h)` builds the sublayer's
+        inputs from the (normalised) stream, e.g. [h, h, h] for self-attention."""
+        h = self.apply_norm(x, f"{name}-Norm") if self.pre_norm else x
+        h = sublayer_inputs(h) if sublayer_inputs else h
+        h = self.apply(h, layer, arguments, name=name, **settings)
+        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
+        h = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
+        return h if self.pre_norm else self.apply_norm(h, f"{name}-Norm")
+
+    def apply_norm(self, x, name):
+        return self.apply(x, L.LayerNormalization, epsilon=self.layer_norm_epsilon, name=name)
 
     def apply_final_layers(self, x):
         raise NotImplementedError
@@ -180,36 +222,12 @@ class BERT(Transformer):
         x = self.apply(x, L.PositionEmbedding, input_dim=self.max_position,
                        output_dim=self.embedding_size, embeddings_initializer=self.initializer,
                        name="Embedding-Position")
-        x = self.apply(x, L.LayerNormalization, epsilon=self.layer_norm_epsilon,
-                       name="Embedding-Norm")
+        x = self.apply_norm(x, "Embedding-Norm")
         x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Embedding-Dropout")
         if self.embedding_size != self.hidden_size:
             x = self.apply(x, keras.layers.Dense, units=self.hidden_size,
                            kernel_initializer=self.initializer, name="Embedding-Mapping")
         return x
-
-    def apply_main_layers(self, x, index):
-        attention = f"Transformer-{index}-MultiHeadSelfAttention"
-        feed_forward = f"Transformer-{index}-FeedForward"
-        x = self.apply_residual(
-            x, [x, x, x], L.MultiHeadAttention, attention,
-            arguments={"bias": self.attention_bias},
-            heads=self.num_attention_heads, head_size=self.attention_head_size,
-            key_size=self.attention_key_size, attention_dropout=self.attention_dropout_rate,
-            kernel_initializer=self.initializer,
-        )
-        return self.apply_residual(
-            x, x, L.FeedForward, feed_forward, units=self.intermediate_size,
-            activation=self.hidden_act, kernel_initializer=self.initializer,
-        )
-
-    def apply_residual(self, x, sublayer_inputs, layer, name, arguments=None, **kwargs):
-        """sublayer -> dropout -> add the input -> LayerNorm (BERT's post-norm residual)."""
-        h = self.apply(sublayer_inputs, layer, arguments, name=name, **kwargs)
-        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
-        h = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
-        return self.apply(h, L.LayerNormalization, epsilon=self.layer_norm_epsilon,
-                          name=f"{name}-Norm")
 
     def apply_final_layers(self, x):
         """bert4keras's output convention: the sequence alone; with heads, only the heads."""
@@ -240,7 +258,7 @@ class BERT(Transformer):
         x = self.apply(x, keras.layers.Dense, units=self.embedding_size,
                        activation=K.get_activation(self.hidden_act),
                        kernel_initializer=self.initializer, name="MLM-Dense")
-        x = self.apply(x, L.LayerNormalization, epsilon=self.layer_norm_epsilon, name="MLM-Norm")
+        x = self.apply_norm(x, "MLM-Norm")
         x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
         x = self.apply(x, L.BiasAdd, name="MLM-Bias")
         return self.apply(x, L.Activation, activation=mlm_activation, name="MLM-Activation")

@@ -155,6 +155,7 @@ class Adam(keras.optimizers.Adam):
         self.bias_correction = bias_correction
 
     def update_step(self, gradient, variable, learning_rate):
+        gradient = dense_gradient(gradient, variable)
         if self.bias_correction:
             return super().update_step(gradient, variable, learning_rate)
         learning_rate = ops.cast(learning_rate, variable.dtype)
@@ -171,6 +172,20 @@ class Adam(keras.optimizers.Adam):
 
     def get_config(self):
         return {**super().get_config(), "bias_correction": self.bias_correction}
+
+
+def dense_gradient(gradient, variable):
+    """A row-sparse gradient (TensorFlow's ``IndexedSlices``, e.g. an embedding's) as a dense
+    tensor, rows that share an index summed.
+
+    Keras 3.15 keeps such gradients sparse inside the update math, and its element-wise ops
+    (``ops.square``, ...) act on each slice before repeated rows are summed, so Adam's second
+    moment of a token that occurs twice in a batch gets ``a**2 + b**2`` instead of ``(a + b)**2``.
+    Non-linear updates need the summed rows; every optimizer here densifies first.
+    """
+    if not all(hasattr(gradient, attribute) for attribute in ("indices", "values", "dense_shape")):
+        return gradient
+    return ops.segment_sum(gradient.values, gradient.indices, num_segments=variable.shape[0])
 
 
 def _root_mean_square(x):
@@ -257,7 +272,7 @@ class AdaFactor(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         learning_rate = ops.cast(learning_rate, dtype)
-        gradient = ops.cast(gradient, dtype)
+        gradient = ops.cast(dense_gradient(gradient, variable), dtype)
         beta2 = self._decay_rate(dtype)
         index = self._get_variable_index(variable)
         squared = ops.square(gradient) + self.epsilon1
@@ -318,6 +333,7 @@ class _ExtensibleOptimizer:
     """
 
     def update_step(self, gradient, variable, learning_rate):
+        gradient = dense_gradient(gradient, variable)
         old_value = ops.copy(ops.convert_to_tensor(variable))
         super().update_step(gradient, variable, learning_rate)
         proposed = ops.convert_to_tensor(variable)

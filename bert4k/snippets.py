@@ -373,7 +373,9 @@ class _WorkerPool:
         return index, (pickle.loads(payload) if self.in_process else payload)
 
     def _check_workers_alive(self):
-        dead = [w for w in self.workers if self.in_process and w.exitcode is not None]
+        if not self.in_process:
+            return  # a thread catches every error of func, so it cannot vanish without a word
+        dead = [w for w in self.workers if w.exitcode is not None]
         if dead:
             raise RuntimeError(
                 f"parallel_apply: a worker process died (exit code {dead[0].exitcode}) before "
@@ -382,30 +384,36 @@ class _WorkerPool:
 
     def close(self, finished):
         """Stops the workers: politely once every task is done, at once when the caller gave up early."""
-        if self.in_process and not finished:
-            for worker in self.workers:
-                worker.terminate()
-        else:
-            self._drop_pending_tasks()
-            for _ in self.workers:
-                self.tasks.put(_STOP)
         if self.in_process:
-            for worker in self.workers:
-                worker.join()
-            for q in (self.tasks, self.results):
-                q.close()
-                q.cancel_join_thread()  # items left after terminate() must not block interpreter exit
-        elif finished:
-            for worker in self.workers:
-                worker.join()
-        # An abandoned thread pool exits by itself after its current task: threads cannot be killed.
+            self._stop_processes(finished)
+        else:
+            self._stop_threads(finished)
 
-    def _drop_pending_tasks(self):
-        while True:
+    def _stop_processes(self, finished):
+        for worker in self.workers:
+            if finished:
+                self.tasks.put(_STOP)
+            else:
+                worker.terminate()
+        for worker in self.workers:
+            worker.join()
+        for q in (self.tasks, self.results):
+            q.close()
+            q.cancel_join_thread()  # items left after terminate() must not block interpreter exit
+
+    def _stop_threads(self, finished):
+        # Threads cannot be killed: drop the tasks they have not started, then each ends after its current
+        # one. An abandoned pool is not waited for (its threads are daemons).
+        while not finished:
             try:
                 self.tasks.get(block=False)
             except queue.Empty:
-                return
+                break
+        for _ in self.workers:
+            self.tasks.put(_STOP)
+        if finished:
+            for worker in self.workers:
+                worker.join()
 
 
 def parallel_apply_generator(func, iterable, workers, max_queue_size, dummy=False, random_seeds=True):
@@ -458,7 +466,7 @@ def parallel_apply(
     random_seeds=True,
     unordered=True,
 ):
-    """Applies ``func`` to every item of ``iterable`` with parallel workers (see ``parallel_apply_generator``).
+    """Applies ``func`` to every item of ``iterable`` in parallel (see ``parallel_apply_generator``).
 
     Without ``callback`` the results are returned as a list: in completion order, or in input order when
     ``unordered=False``. With ``callback`` each result is passed to it as it arrives and nothing is
@@ -579,7 +587,7 @@ class DataGenerator:
             yield _pop_random(buffer)
 
     def forfit(self, random=True):
-        """Loops over ``__iter__(random)`` forever: the endless stream ``fit`` wants with ``steps_per_epoch``."""
+        """Loops over ``__iter__(random)`` forever: the stream ``fit`` takes with ``steps_per_epoch``."""
         while True:
             produced_any = False
             for batch in self.__iter__(random):
@@ -598,7 +606,8 @@ class DataGenerator:
     def to_dataset(self, types, shapes, names=None, padded_batch=False, random=True):
         """An endless ``tf.data.Dataset`` built from ``forfit(random)``.
 
-        Here ``__iter__`` yields single samples and tf.data batches them by ``batch_size``.
+        Here ``__iter__`` yields single samples and tf.data batches them by ``batch_size``; as the
+        stream is endless, a batch may hold the end of one pass and the start of the next.
 
         Args:
             types: dtype of each sample component, e.g. ``('int32', 'int32')``, nested like the samples.
@@ -647,6 +656,9 @@ class DataGenerator:
         ``use_multiprocessing=True`` the batches are made in one background process (``__iter__`` is
         sequential, so more processes would each redo the whole pass) and handed to Keras through a
         queue, which keeps tokenization off the training process.
+
+        On TensorFlow, Keras fixes every dimension that is equal in the first two batches; a later batch
+        padded shorter there is zero-padded up to it (see ``DataGeneratorPyDataset``).
         """
         return _pydataset_class()(self, random, workers, use_multiprocessing, max_queue_size)
 
@@ -830,7 +842,16 @@ def _pydataset_class():
         def __del__(self):
             self.close()
 
+    DataGeneratorPyDataset.__qualname__ = "DataGeneratorPyDataset"  # found by pickle via __getattr__
+    DataGeneratorPyDataset.__module__ = __name__
     return DataGeneratorPyDataset
+
+
+def __getattr__(name):
+    # ``snippets.DataGeneratorPyDataset`` exists, but is only built (importing Keras) when first asked for.
+    if name == "DataGeneratorPyDataset":
+        return _pydataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------

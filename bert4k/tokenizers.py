@@ -537,14 +537,20 @@ class SpTokenizer(TokenizerBase):
         return self.sp_model.decode([self._token_translate_inv.get(p) or p for p in pieces])
 
     def rematch(self, text, tokens):
-        """Character indices of text for each token, from sentencepiece's own byte offsets."""
-        byte_to_char = [i for i, ch in enumerate(text) for _ in ch.encode('utf-8')] + [len(text)]
-        pieces = iter(self.sp_model.encode(text, out_type='immutable_proto').pieces)
+        """Character indices of text for each token, from sentencepiece's own alignment."""
+        pieces = iter(self._piece_offsets(text))
         mapping = []
         for token in tokens:
             piece = next(pieces, None) if token not in (self._token_start, self._token_end) else None
-            if piece is None or piece.piece != token:
-                mapping.append([])
-                continue
-            mapping.append(list(range(byte_to_char[piece.begin], byte_to_char[piece.end])))
+            mapping.append(list(range(piece[1], piece[2])) if piece and piece[0] == token else [])
         return mapping
+
+    def _piece_offsets(self, text):
+        """[(piece, start, end)] in characters of text."""
+        try:  # sentencepiece >= 0.2.1
+            result = self.sp_model.encode(text, out_type='offset_mapping')
+            return [(piece, start, end) for piece, (start, end) in zip(result['pieces'], result['offsets'])]
+        except ValueError:  # older: byte offsets only
+            byte_to_char = [i for i, ch in enumerate(text) for _ in ch.encode('utf-8')] + [len(text)]
+            proto = self.sp_model.encode(text, out_type='immutable_proto')
+            return [(p.piece, byte_to_char[p.begin], byte_to_char[p.end]) for p in proto.pieces]

@@ -161,7 +161,8 @@ def test_truncate_matches_closed_form(maxlen):
 def test_text_segmentate_splits_at_coarse_then_fine_separators():
     text = "今天天气很好，我们去公园玩。明天下雨，我们在家里看书，然后睡觉。"
     pieces = text_segmentate(text, 10, "。，")
-    assert pieces == ["今天天气很好，", "我们去公园玩。", "明天下雨，", "我们在家里看书，", "然后睡觉。"]
+    expected = ["今天天气很好，", "我们去公园玩。", "明天下雨，", "我们在家里看书，", "然后睡觉。"]
+    assert pieces == expected
     assert text_segmentate(text, 100, "。，") == [text]
 
 
@@ -335,6 +336,7 @@ def test_to_pydataset_serves_the_stream_in_order_and_replays_peeked_batches():
     generator = BatchGenerator(make_samples(10), batch_size=4)  # widths 4, 4, 2
     expected = list(generator.fortest())
     pydataset = generator.to_pydataset(random=False)
+    assert isinstance(pydataset, snippets.DataGeneratorPyDataset)
     assert pydataset.num_batches == 3
     # Keras's TensorFlow path peeks at batches 0 and 1 before the epoch starts
     peeked = [pydataset[0], pydataset[1]]
