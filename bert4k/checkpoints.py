@@ -20,10 +20,80 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Mapping tables: (our weight path, Google variable name, transform from checkpoint to ours)
+# Transforms: steps applied, in order, to a stored value to give our weight
 # ---------------------------------------------------------------------------------------------------
 
-TRANSPOSE = "transpose"
+
+class Transpose:
+    def to_model(self, value):
+        return value.T
+
+    def to_checkpoint(self, value):
+        return value.T
+
+    def model_shape(self, shape):
+        return tuple(shape[::-1])
+
+
+class Squeeze:
+    """OpenAI's TF checkpoints keep conv1d kernels with a leading axis of 1."""
+
+    def to_model(self, value):
+        return value[0]
+
+    def to_checkpoint(self, value):
+        return value[None]
+
+    def model_shape(self, shape):
+        return tuple(shape[1:])
+
+
+class Split:
+    """One fused stored matrix feeds several of our weights (GPT-2's c_attn -> q, k, v); the
+    writer concatenates the parts back, in order, along `axis`."""
+
+    def __init__(self, part, parts, axis=-1):
+        self.part, self.parts, self.axis = part, parts, axis
+
+    def to_model(self, value):
+        return np.split(value, self.parts, axis=self.axis)[self.part]
+
+    def model_shape(self, shape):
+        shape = list(shape)
+        shape[self.axis] //= self.parts
+        return tuple(shape)
+
+
+TRANSPOSE = (Transpose(),)
+
+
+def to_model(value, steps):
+    for step in steps or ():
+        value = step.to_model(value)
+    return value
+
+
+def model_shape(shape, steps):
+    for step in steps or ():
+        shape = step.model_shape(shape)
+    return tuple(shape)
+
+
+def to_checkpoint(parts, steps):
+    """Inverse of to_model; `parts` holds our weights in Split order (one unless split)."""
+    steps = tuple(steps or ())
+    if steps and isinstance(steps[-1], Split):
+        value, steps = np.concatenate(parts, axis=steps[-1].axis), steps[:-1]
+    else:
+        (value,) = parts
+    for step in reversed(steps):
+        value = step.to_checkpoint(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mapping tables: (our weight path, original-release variable name, transform steps)
+# ---------------------------------------------------------------------------------------------------
 
 BERT_TABLE = [
     ("Embedding-Token/embeddings", "bert/embeddings/word_embeddings", None),
@@ -66,8 +136,8 @@ BERT_TABLE += [
 ]
 
 
-def bert_hf_name(google_name):
-    """Google BERT name -> (Hugging Face name, whether HF stores it transposed relative to Google).
+def bert_hf_name(google_name, steps):
+    """Google BERT name and steps -> (Hugging Face name, steps from the HF value to ours).
 
     HF Linear layers keep [out, in] matrices where Google keeps [in, out] kernels.
     """
@@ -77,19 +147,27 @@ def bert_hf_name(google_name):
         "cls/seq_relationship/output_bias": "cls.seq_relationship.bias",
     }
     if google_name in special:
-        return special[google_name], False
+        return special[google_name], steps
     name = re.sub(r"layer_(\d+|\{i\})", r"layer.\1", google_name)
-    transposed = name.endswith("/kernel")
+    if name.endswith("/kernel"):
+        steps = TRANSPOSE
     name = re.sub(r"/(kernel|gamma)$", "/weight", name)
     name = re.sub(r"/beta$", "/bias", name)
     if name.endswith("_embeddings"):
         name += "/weight"
-    return name.replace("/", "."), transposed
+    return name.replace("/", "."), steps
+
+
+class Family:
+    """A family's table, its rule from original names to Hugging Face names, and the HF prefix of
+    its base model (files of the bare model omit it) and of its heads (which never carry it)."""
+
+    def __init__(self, table, hf_rule, hf_prefix, hf_heads=()):
+        self.table, self.hf_rule, self.hf_prefix, self.hf_heads = table, hf_rule, hf_prefix, hf_heads
 
 
 FAMILIES = {
-    # family: (table, HF name rule, Google top scope, HF base-model prefix)
-    "bert": (BERT_TABLE, bert_hf_name, "bert", "bert."),
+    "bert": Family(BERT_TABLE, bert_hf_name, "bert.", hf_heads=("cls.",)),
 }
 
 # Variables that belong to training, not to the model: optimizer slots, step counters, buffers.
@@ -253,15 +331,13 @@ class Mapping:
     def __init__(self, family, layout):
         if family not in FAMILIES:
             raise ValueError(f"No checkpoint table for family {family!r}; known: {sorted(FAMILIES)}.")
-        table, hf_name, _, _ = FAMILIES[family]
+        spec = FAMILIES[family]
         self.rows = []
-        for ours, google, transform in table:
-            name, transposed = google, False
+        for ours, original, steps in spec.table:
+            name = original
             if layout == "huggingface":
-                name, transposed = hf_name(google)
-            if transposed:
-                transform = None if transform == TRANSPOSE else TRANSPOSE
-            self.rows.append((_pattern(ours), _pattern(name), ours, name, transform))
+                name, steps = spec.hf_rule(original, steps)
+            self.rows.append((_pattern(ours), _pattern(name), ours, name, steps))
 
     def checkpoint_name(self, weight_path):
         """(checkpoint name, transform) for one of our weight paths, or None if undeclared."""
@@ -286,23 +362,19 @@ def _pattern(template):
     return re.compile(r"(?P<i>\d+)".join(re.escape(p) for p in parts))
 
 
-def _normalize_hf_names(shapes, base_prefix):
+def _normalize_hf_names(shapes, spec):
     """Map canonical HF names (with the base-model prefix, LayerNorm weight/bias) to the
     checkpoint's own spelling, so 'bert.'-less files and old gamma/beta files both read."""
-    prefixed = any(n.startswith(base_prefix) for n in shapes)
+    prefixed = any(n.startswith(spec.hf_prefix) for n in shapes)
     canonical = {}
     for name in shapes:
         full = name
-        if not prefixed and not name.startswith("cls."):
-            full = base_prefix + name
+        if not prefixed and not name.startswith(spec.hf_heads):
+            full = spec.hf_prefix + name
         full = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", full)
         full = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", full)
         canonical[full] = name
     return canonical
-
-
-def _transform(value, transform):
-    return value.T if transform == TRANSPOSE else value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,7 +387,7 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
     reader = open_checkpoint(checkpoint_path)
     mapping = Mapping(family, reader.layout)
     if reader.layout == "huggingface":
-        names = _normalize_hf_names(reader.shapes, FAMILIES[family][3])
+        names = _normalize_hf_names(reader.shapes, FAMILIES[family])
         ignored = IGNORED_HF
     else:
         names = {n: n for n in reader.shapes}
@@ -334,11 +406,10 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
             continue
         stored = reader.shapes[names[name]]
         expected = tuple(variable.shape)
-        shape = stored[::-1] if transform == TRANSPOSE else stored
-        if tuple(shape) != expected:
+        if model_shape(stored, transform) != expected:
             mismatched.append(
-                f"  {name}: checkpoint shape {stored}, model {path} needs "
-                f"{expected[::-1] if transform == TRANSPOSE else expected}"
+                f"  {name}: checkpoint shape {stored} gives {model_shape(stored, transform)}, "
+                f"model {path} needs {expected}"
             )
             continue
         assignments.append((variable, names[name], transform))
@@ -357,7 +428,7 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
     if problems:
         warnings.warn(problems + "\nThose weights keep their initial values.", stacklevel=2)
     # Read everything before assigning anything: a corrupt file leaves the model untouched.
-    values = [_transform(reader.read(name), transform) for _, name, transform in assignments]
+    values = [to_model(reader.read(name), transform) for _, name, transform in assignments]
     for (variable, _, _), value in zip(assignments, values):
         variable.assign(np.asarray(value, dtype=variable.dtype))
 
@@ -395,7 +466,7 @@ def _report(reader, family, missing, unexpected, mismatched, anything_matched):
 def checkpoint_variables(model, family="bert", layout="google", prefix=""):
     """{checkpoint name: numpy value} for every weight of the model, in the given layout."""
     mapping = Mapping(family, layout)
-    variables = {}
+    parts = {}  # checkpoint name -> (steps, {split part: value})
     for weight in model.weights:
         path = _strip(weight.path, prefix)
         found = mapping.checkpoint_name(path)
@@ -404,9 +475,13 @@ def checkpoint_variables(model, family="bert", layout="google", prefix=""):
                 f"Weight {path!r} has no name in the {family!r} checkpoint table; "
                 "only the family's own layers can be written."
             )
-        name, transform = found
-        variables[name] = np.ascontiguousarray(_transform(np.asarray(weight.numpy()), transform))
-    return variables
+        name, steps = found
+        part = steps[-1].part if steps and isinstance(steps[-1], Split) else 0
+        parts.setdefault(name, (steps, {}))[1][part] = np.asarray(weight.numpy())
+    return {
+        name: np.ascontiguousarray(to_checkpoint([values[k] for k in sorted(values)], steps))
+        for name, (steps, values) in parts.items()
+    }
 
 
 def _atomic_files(final_paths, write):

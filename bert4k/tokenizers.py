@@ -479,17 +479,24 @@ def _skip_spaces(text, position):
 
 
 def _nfc_groups(chars):
-    """Split (char, index) pairs into runs that NFC composes only within, e.g. 'e' + U+0301."""
+    """Split (char, index) pairs into runs that NFC composes only within, e.g. 'e' + U+0301.
+
+    A mark joins the run before it; another char joins when NFC merges it with the run's last chars
+    (3 are enough: a starter only composes with the one or two starters right before it, as Hangul)."""
     groups = []
     for ch, i in chars:
         if groups:
-            head = ''.join(c for c, _ in groups[-1])
-            joined = unicodedata.normalize('NFC', head + ch)
-            if joined != unicodedata.normalize('NFC', head) + unicodedata.normalize('NFC', ch):
+            head = ''.join(c for c, _ in groups[-1][-3:])
+            is_mark = unicodedata.combining(ch) and not head[-1].isspace()
+            if is_mark or _nfc(head + ch) != _nfc(head) + _nfc(ch):
                 groups[-1].append((ch, i))
                 continue
         groups.append([(ch, i)])
     return groups
+
+
+def _nfc(text):
+    return unicodedata.normalize('NFC', text)
 
 
 def _is_glued(ch):

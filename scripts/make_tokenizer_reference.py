@@ -2,7 +2,9 @@
 
 Run with a Python that has transformers 5 and tokenizers (torch is not needed):
 
-    python scripts/make_tokenizer_reference.py --vocab /path/to/all-MiniLM-L6-v2/vocab.txt
+    python scripts/make_tokenizer_reference.py [--vocab /path/to/all-MiniLM-L6-v2/vocab.txt]
+
+Without --vocab it uses $BERT4K_MINILM_DIR/vocab.txt, else the copy bert4k.assets fetches and caches.
 
 The truth is the Python tokenizer (`BertTokenizerLegacy` in transformers 5, `BertTokenizer` before).
 The Rust one (`BertTokenizer`/`BertTokenizerFast` in transformers 5) is run too; where it disagrees its
@@ -17,7 +19,9 @@ cased synthetic vocab stored in the fixture itself.
 import argparse
 import hashlib
 import json
+import os
 import random
+import sys
 import unicodedata
 import zipfile
 from pathlib import Path
@@ -136,6 +140,14 @@ def run_case(vocab_name, python_tok, rust_tok, text, do_lower_case, split_specia
     return case
 
 
+def default_vocab():
+    if os.environ.get('BERT4K_MINILM_DIR'):
+        return Path(os.environ['BERT4K_MINILM_DIR']) / 'vocab.txt'
+    sys.path.insert(0, str(REPO))  # bert4k need not be installed in this reference environment
+    from bert4k import assets
+    return assets.minilm_dir() / 'vocab.txt'
+
+
 def make_tokenizers(vocab_file, do_lower_case):
     python_tok = PythonBertTokenizer(str(vocab_file), do_lower_case=do_lower_case)
     rust_tok = RustBertTokenizer(vocab=dict(python_tok.vocab), do_lower_case=do_lower_case)
@@ -144,11 +156,13 @@ def make_tokenizers(vocab_file, do_lower_case):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--vocab', required=True, help='vocab.txt of all-MiniLM-L6-v2 (uncased, 30522 tokens)')
+    parser.add_argument('--vocab', help='vocab.txt of all-MiniLM-L6-v2 (uncased, 30522 tokens)')
     parser.add_argument('--corpus', default=REPO / 'data' / 'sentiment.zip', type=Path)
     parser.add_argument('--out', default=REPO / 'tests' / 'fixtures' / 'tokenizer_reference.json', type=Path)
     parser.add_argument('--seed', default=20240601, type=int)
     args = parser.parse_args()
+    if args.vocab is None:
+        args.vocab = default_vocab()
 
     minilm_texts = HAND_CASES + random_texts(160, args.seed) + corpus_lines(args.corpus, 40, args.seed)
     synthetic_file = args.out.parent / 'synthetic_vocab.tmp.txt'
