@@ -158,21 +158,71 @@ def bert_hf_name(google_name, steps):
     return name.replace("/", "."), steps
 
 
+GPT2_TABLE = [
+    ("Embedding-Token/embeddings", "model/wte", None),
+    ("Embedding-Position/embeddings", "model/wpe", None),
+    ("Output-Norm/gamma", "model/ln_f/g", None),
+    ("Output-Norm/beta", "model/ln_f/b", None),
+]
+for ours, original in [
+    ("MultiHeadSelfAttention-Norm", "ln_1"),
+    ("FeedForward-Norm", "ln_2"),
+]:
+    GPT2_TABLE += [
+        (f"Transformer-{{i}}-{ours}/gamma", f"model/h{{i}}/{original}/g", None),
+        (f"Transformer-{{i}}-{ours}/beta", f"model/h{{i}}/{original}/b", None),
+    ]
+for part, dense in enumerate(["q_dense", "k_dense", "v_dense"]):
+    GPT2_TABLE += [
+        (f"Transformer-{{i}}-MultiHeadSelfAttention/{dense}/kernel", "model/h{i}/attn/c_attn/w",
+         (Squeeze(), Split(part, 3))),
+        (f"Transformer-{{i}}-MultiHeadSelfAttention/{dense}/bias", "model/h{i}/attn/c_attn/b",
+         (Split(part, 3),)),
+    ]
+for ours, original in [
+    ("MultiHeadSelfAttention/o_dense", "attn/c_proj"),
+    ("FeedForward/i0_dense", "mlp/c_fc"),
+    ("FeedForward/o_dense", "mlp/c_proj"),
+]:
+    GPT2_TABLE += [
+        (f"Transformer-{{i}}-{ours}/kernel", f"model/h{{i}}/{original}/w", (Squeeze(),)),
+        (f"Transformer-{{i}}-{ours}/bias", f"model/h{{i}}/{original}/b", None),
+    ]
+
+
+def gpt2_hf_name(original, steps):
+    """OpenAI's TF names -> Hugging Face GPT2Model names. HF's Conv1D keeps OpenAI's [in, out]
+    layout without the leading axis."""
+    name = re.sub(r"^model/", "transformer/", original)
+    name = re.sub(r"h(\d+|\{i\})/", r"h.\1/", name)
+    name = re.sub(r"/g$", "/weight", name)
+    name = re.sub(r"/w$", "/weight", name)
+    name = re.sub(r"/b$", "/bias", name)
+    if name in ("transformer/wte", "transformer/wpe"):
+        name += "/weight"
+    steps = tuple(step for step in steps or () if not isinstance(step, Squeeze))
+    return name.replace("/", "."), steps
+
+
 class Family:
     """A family's table, its rule from original names to Hugging Face names, and the HF prefix of
     its base model (files of the bare model omit it) and of its heads (which never carry it)."""
 
-    def __init__(self, table, hf_rule, hf_prefix, hf_heads=()):
+    def __init__(self, table, hf_rule, hf_prefix, hf_heads=(), hf_ignored=None):
         self.table, self.hf_rule, self.hf_prefix, self.hf_heads = table, hf_rule, hf_prefix, hf_heads
+        # Buffers and tied copies that HF files carry beside the parameters.
+        self.hf_ignored = re.compile(hf_ignored or r"position_ids$")
 
 
 FAMILIES = {
-    "bert": Family(BERT_TABLE, bert_hf_name, "bert.", hf_heads=("cls.",)),
+    "bert": Family(BERT_TABLE, bert_hf_name, "bert.", hf_heads=("cls.",),
+                   hf_ignored=r"(position_ids$|cls\.predictions\.decoder\.(weight|bias)$)"),
+    "gpt2": Family(GPT2_TABLE, gpt2_hf_name, "transformer.", hf_heads=("lm_head.",),
+                   hf_ignored=r"(\.attn\.(bias|masked_bias)$|^lm_head\.weight$)"),
 }
 
 # Variables that belong to training, not to the model: optimizer slots, step counters, buffers.
 IGNORED_GOOGLE = re.compile(r"(adam_[mv]|global_step|good_steps|bad_steps|loss_scale|Momentum)")
-IGNORED_HF = re.compile(r"(position_ids$|cls\.predictions\.decoder\.(weight|bias)$)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -388,7 +438,7 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
     mapping = Mapping(family, reader.layout)
     if reader.layout == "huggingface":
         names = _normalize_hf_names(reader.shapes, FAMILIES[family])
-        ignored = IGNORED_HF
+        ignored = FAMILIES[family].hf_ignored
     else:
         names = {n: n for n in reader.shapes}
         ignored = IGNORED_GOOGLE

@@ -13,6 +13,16 @@ ALIASES = {
     "type_vocab_size": "segment_vocab_size",
     "layer_norm_eps": "layer_norm_epsilon",
     "layer_norm_epsilon": "layer_norm_epsilon",
+    # GPT-2 (Hugging Face config.json and OpenAI's hparams.json)
+    "n_embd": "hidden_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "n_positions": "max_position",
+    "n_inner": "intermediate_size",
+    "n_vocab": "vocab_size",
+    "activation_function": "hidden_act",
+    "resid_pdrop": "dropout_rate",
+    "attn_pdrop": "attention_dropout_rate",
 }
 
 # Keys that describe training runs, tokenizers or generation, not the network: accepted in a file
@@ -33,6 +43,9 @@ METADATA_KEYS = frozenset(
     encoder_no_repeat_ngram_size _attn_implementation_autoset _attn_implementation
     directionality pooler_fc_size pooler_num_attention_heads pooler_num_fc_layers
     pooler_size_per_head pooler_type
+    embd_pdrop summary_type summary_use_proj summary_activation summary_proj_to_labels
+    summary_first_dropout scale_attn_weights reorder_and_upcast_attn
+    scale_attn_by_inverse_layer_idx add_bias_logits
     """.split()
 )
 
@@ -89,6 +102,10 @@ def config_to_arguments(config, model, source="config"):
             f"{source}: position_embedding_type={position_type!r} is not supported; "
             "only 'absolute' positions (use model='nezha' for relative positions)."
         )
+    config = dict(config)
+    if "n_ctx" in config:  # OpenAI's hparams.json names the context n_ctx; HF's n_positions wins
+        config.setdefault("n_positions", config["n_ctx"])
+        del config["n_ctx"]
     arguments = {}
     for key, value in config.items():
         if key in METADATA_KEYS or key == "position_embedding_type":

@@ -183,7 +183,9 @@ class AttentionBias(keras.layers.Layer):
 
     def call(self, inputs):
         token_ids = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
-        bias = K.padding_bias(token_ids, self.pad_id, self.compute_dtype)
+        bias = ops.zeros((1, 1, 1, 1), self.compute_dtype)
+        if self.pad_id is not None:  # GPT-2 has no padding token
+            bias = K.padding_bias(token_ids, self.pad_id, self.compute_dtype)
         if self.mode == "causal":
             bias = bias + K.causal_bias(ops.shape(token_ids)[1], self.compute_dtype)
         elif self.mode == "unilm":

@@ -20,6 +20,7 @@ class Transformer:
     """Base builder: an embedding stack, `num_hidden_layers` blocks and a family's final layers."""
 
     family = None  # the checkpoint mapping table (checkpoints.FAMILIES) this model reads and writes
+    default_application = "encoder"  # what application=None means for the family
     pre_norm = False  # GPT-2 and T5 normalise before each sublayer instead of after
 
     def __init__(
@@ -41,11 +42,12 @@ class Transformer:
         layer_norm_epsilon=1e-12,
         initializer_range=0.02,
         pad_token_id=0,
-        application="encoder",
+        application=None,
         ignore_invalid_weights=False,
         prefix=None,
         name=None,
     ):
+        application = application or self.default_application
         if application not in APPLICATIONS:
             raise ValueError(
                 f"Unknown application {application!r}; expected one of {sorted(APPLICATIONS)}."
@@ -264,19 +266,64 @@ class BERT(Transformer):
         return self.apply(x, L.Activation, activation=mlm_activation, name="MLM-Activation")
 
 
-MODELS = {"bert": BERT}
+class GPT2(Transformer):
+    """OpenAI GPT-2: pre-LayerNorm blocks, learned positions, a final LayerNorm, causal attention
+    and the output projection tied to the token embeddings."""
+
+    family = "gpt2"
+    pre_norm = True
+    default_application = "lm"
+
+    def __init__(self, intermediate_size=None, hidden_act="gelu_new", segment_vocab_size=0,
+                 layer_norm_epsilon=1e-5, pad_token_id=None, with_lm=True, **kwargs):
+        hidden_size = kwargs["hidden_size"]
+        super().__init__(intermediate_size=intermediate_size or 4 * hidden_size,
+                         hidden_act=hidden_act, segment_vocab_size=segment_vocab_size,
+                         layer_norm_epsilon=layer_norm_epsilon, pad_token_id=pad_token_id,
+                         **kwargs)
+        self.with_lm = with_lm
+
+    def get_inputs(self):
+        return [keras.Input((self.sequence_length,), dtype="int32",
+                            name=self.prefix + "Input-Token")]
+
+    def apply_embeddings(self, inputs):
+        x = self.apply(inputs[0], L.Embedding, input_dim=self.vocab_size,
+                       output_dim=self.hidden_size, embeddings_initializer=self.initializer,
+                       name="Embedding-Token")
+        x = self.apply(x, L.PositionEmbedding, input_dim=self.max_position,
+                       output_dim=self.hidden_size, embeddings_initializer=self.initializer,
+                       name="Embedding-Position")
+        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
+                          name="Embedding-Dropout")
+
+    def apply_final_layers(self, x):
+        x = self.apply_norm(x, "Output-Norm")
+        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Output-Dropout")
+        if not self.with_lm:
+            return x
+        x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
+        activation = "softmax" if self.with_lm is True else self.with_lm
+        return self.apply(x, L.Activation, activation=activation, name="LM-Activation")
+
+
+MODELS = {"bert": BERT, "gpt2": GPT2}
 
 
 def build_transformer_model(
     config_path=None,
     checkpoint_path=None,
     model="bert",
-    application="encoder",
+    application=None,
     return_keras_model=True,
     **kwargs,
 ):
     """Build a model from a config file (Google or Hugging Face) and keyword overrides, and load
-    a checkpoint (Google TF checkpoint prefix, Hugging Face directory or .safetensors file)."""
+    a checkpoint (Google TF checkpoint prefix, Hugging Face directory or .safetensors file).
+
+    application: 'encoder', 'lm' (causal) or 'unilm' (seq2seq); None takes the family's own
+    ('encoder' for BERT, 'lm' for GPT-2).
+    """
     model_class = resolve_model_class(model)
     arguments = configs.load_config(config_path, model)
     arguments.update(kwargs)
@@ -308,14 +355,14 @@ def check_arguments(model_class, arguments, config_path):
             f"Unknown {source} for {model_class.__name__}: {unknown}. "
             f"Accepted: {sorted(accepted)}."
         )
-    required = {
-        name
-        for klass in model_class.__mro__
-        if "__init__" in vars(klass)
-        for name, p in inspect.signature(klass.__init__).parameters.items()
-        if p.default is inspect.Parameter.empty and p.kind == p.POSITIONAL_OR_KEYWORD
-        and name != "self"
-    }
+    # A subclass may give a default to a setting its base requires (GPT-2's intermediate_size).
+    defaults = {}
+    for klass in model_class.__mro__:
+        if "__init__" in vars(klass):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if p.kind == p.POSITIONAL_OR_KEYWORD and name != "self":
+                    defaults.setdefault(name, p.default is not inspect.Parameter.empty)
+    required = {name for name, has_default in defaults.items() if not has_default}
     missing = sorted(required - set(arguments))
     if missing:
         raise ValueError(

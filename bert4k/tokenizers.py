@@ -50,7 +50,8 @@ def _is_cjk_character(ch):
 
 
 class _CharTable(dict):
-    """A `str.translate` table that classifies each code point the first time it is seen."""
+    """A `str.translate` table that classifies each code point the first time it is seen. Unchanged
+    chars map to their code point: translate is fastest on ints."""
 
     __slots__ = ('_rule',)
 
@@ -85,7 +86,12 @@ _SPLIT_DROP_MN = _CharTable(lambda ch: None if _drop_mn_rule(ch) is None else _s
 
 
 def _is_word_boundary(ch):
-    return ch.isspace() or _is_punctuation(ch) or _is_cjk_character(ch)
+    return ch.isspace() or isinstance(_SPLIT[ord(ch)], str)  # punctuation and CJK map to ' c '
+
+
+def _clean_char(ch):
+    value = _CLEAN[ord(ch)]
+    return ch if isinstance(value, int) else value or ''
 
 
 def load_vocab(dict_path, encoding='utf-8', simplified=False, startswith=None):
@@ -393,23 +399,17 @@ class Tokenizer(TokenizerBase):
         normalized, sources = self._normalized_with_sources(text)
         mapping, offset, last = [], 0, len(tokens) - 1
         for k, token in enumerate(tokens):
-            if (k == 0 and token == self._token_start) or (k == last and token == self._token_end):
-                mapping.append([])
-                continue
-            span = self._find_token(normalized, token, offset)
-            if span is None:
-                mapping.append([])
-                continue
-            mapping.append(list(dict.fromkeys(i for source in sources[span[0]:span[1]] for i in source)))
-            offset = span[1]
+            added = (k == 0 and token == self._token_start) or (k == last and token == self._token_end)
+            span = None if added else self._find_token(normalized, token, offset)
+            mapping.append(_merge_sources(sources[span[0]:span[1]]) if span else [])
+            offset = span[1] if span else offset
         return mapping
 
     def _find_token(self, normalized, token, offset):
-        if token == self._token_unk and not normalized.startswith(token, _skip_spaces(normalized, offset)):
-            start = end = _skip_spaces(normalized, offset)  # an unk token is one whole word
-            if start == len(normalized):
-                return None
-            end += 1
+        """(start, end) of token in the normalized text at or after offset, or None."""
+        start = _skip_spaces(normalized, offset)
+        if token == self._token_unk and start < len(normalized) and not normalized.startswith(token, start):
+            end = start + 1  # an unk token stands for one whole word
             if not _is_word_boundary(normalized[start]):
                 while end < len(normalized) and not _is_word_boundary(normalized[end]):
                     end += 1
@@ -424,9 +424,9 @@ class Tokenizer(TokenizerBase):
         matches = list(self._special_re.finditer(text)) if self._special_re is not None else []
         for match in matches + [None]:
             end = match.start() if match else len(text)
-            for ch, source in self._normalize_with_sources(text, position, end):
-                chars.append(ch)
-                sources.append(source)
+            pairs = self._normalize_with_sources(text, position, end)
+            chars += [ch for ch, _ in pairs]
+            sources += [source for _, source in pairs]
             if match:
                 chars += [' '] + list(match.group()) + [' ']
                 sources += [()] + [(i,) for i in range(match.start(), match.end())] + [()]
@@ -434,16 +434,21 @@ class Tokenizer(TokenizerBase):
         return ''.join(chars), sources
 
     def _normalize_with_sources(self, text, start, end):
-        cleaned = []
-        for i in range(start, end):
-            value = _CLEAN[ord(text[i])]
-            if value is not None:
-                cleaned.append((chr(value) if isinstance(value, int) else value, i))
+        segment = text[start:end]
+        cleaned = segment.translate(_CLEAN)
+        if segment.isascii() and len(cleaned) == len(segment) and not self._specials & set(cleaned.split()):
+            # Plain ASCII: every step maps one char to one char.
+            normalized = cleaned.lower() if self._do_lower_case else cleaned
+            return list(zip(normalized, [(i,) for i in range(start, end)]))
+        cleaned = [(_clean_char(text[i]), i) for i in range(start, end)]
+        cleaned = [(ch, i) for ch, i in cleaned if ch]
         if unicodedata.is_normalized('NFC', ''.join(ch for ch, _ in cleaned)):
             chars = [(ch, (i,)) for ch, i in cleaned]  # each char of an NFC string is NFC alone
         else:
-            chars = [(unit_char, tuple(i for _, i in group)) for group in _nfc_groups(cleaned)
-                     for unit_char in unicodedata.normalize('NFC', ''.join(ch for ch, _ in group))]
+            chars = []
+            for group in _nfc_groups(cleaned):
+                sources = tuple(i for _, i in group)  # one tuple shared by the group's output chars
+                chars += [(ch, sources) for ch in _nfc(''.join(ch for ch, _ in group))]
         result, word = [], []
         for item in chars + [(' ', ())]:
             if not item[0].isspace():
@@ -470,6 +475,16 @@ class Tokenizer(TokenizerBase):
             word = [(c, source) for ch, source in word
                     for c in unicodedata.normalize('NFD', ch).translate(_DROP_MN)]
         return word
+
+
+def _merge_sources(sources):
+    """Sorted union of source index tuples; runs of one shared tuple (an NFC group) count once."""
+    indices, previous = set(), None
+    for source in sources:
+        if source is not previous:
+            indices.update(source)
+            previous = source
+    return sorted(indices)
 
 
 def _skip_spaces(text, position):
