@@ -76,9 +76,8 @@ class PositionEmbedding(keras.layers.Layer):
                 f"{self.max_length()})) or build the model with hierarchical_position=True."
             )
 
-    def position_embeddings(self, length):
+    def position_embeddings(self, positions):
         embeddings = ops.cast(self.embeddings, self.compute_dtype)
-        positions = ops.arange(length)
         if not self.hierarchical:
             return ops.take(embeddings, positions, axis=0)
         alpha = self.hierarchical
@@ -87,16 +86,19 @@ class PositionEmbedding(keras.layers.Layer):
         low = ops.take(base, positions % self.input_dim, axis=0)
         return alpha * high + (1 - alpha) * low
 
-    def call(self, inputs):
+    def call(self, inputs, positions=None):
+        """`positions` [batch, length] overrides 0..length-1 (cached decoding writes new tokens
+        at later positions)."""
         length = inputs.shape[1]
         self.check_length(length)
-        if length is None:
-            length = ops.shape(inputs)[1]
-        pos = ops.expand_dims(self.position_embeddings(length), 0)
+        if positions is None:
+            length = ops.shape(inputs)[1] if length is None else length
+            pos = ops.expand_dims(self.position_embeddings(ops.arange(length)), 0)
+        else:
+            pos = self.position_embeddings(positions)
         if self.merge_mode == "add":
             return inputs + pos
-        batch = ops.shape(inputs)[0]
-        pos = ops.broadcast_to(pos, (batch, length, self.output_dim))
+        pos = ops.broadcast_to(pos, ops.concatenate([ops.shape(inputs)[:2], [self.output_dim]], 0))
         return ops.concatenate([inputs, pos], axis=-1)
 
     def compute_output_shape(self, input_shape):
@@ -259,11 +261,15 @@ class MultiHeadAttention(keras.layers.Layer):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         return ops.reshape(x, (batch, length, self.heads, size))
 
-    def call(self, inputs, bias=None, training=None):
+    def call(self, inputs, bias=None, cache=None, training=None):
+        """`cache` (cached decoding, see bert4k.decoding) stores this call's keys and values into
+        its buffer and returns the whole buffer's, so earlier positions are not recomputed."""
         q, k, v = inputs[:3]
         qw = self._split_heads(self.q_dense(q), self.key_size)
         kw = self._split_heads(self.k_dense(k), self.key_size)
         vw = self._split_heads(self.v_dense(v), self.head_size)
+        if cache is not None:
+            kw, vw = cache.update(kw, vw)
         scores = ops.einsum("bqnd,bknd->bnqk", qw, kw)
         if self.attention_scale:
             scores = scores * (self.key_size**-0.5)

@@ -80,6 +80,7 @@ class Transformer:
         self.name = name
         self.layers = {}
         self.model = None
+        self.decoding = None  # a bert4k.decoding.DecodingState during a cached decoding step
 
     @classmethod
     def accepted_arguments(cls):
@@ -112,9 +113,12 @@ class Transformer:
         name = self.prefix + kwargs.pop("name")
         if name not in self.layers:
             self.layers[name] = layer(name=name, **kwargs)
+        layer = self.layers[name]
         if inputs is None:
-            return self.layers[name]
-        return self.layers[name](inputs, **(arguments or {}))
+            return layer
+        if self.decoding is not None:
+            arguments = self.decoding.arguments_for(layer, arguments)
+        return layer(inputs, **(arguments or {}))
 
     @property
     def initializer(self):
@@ -125,9 +129,12 @@ class Transformer:
     def get_inputs(self):
         raise NotImplementedError
 
+    def attention_mode(self):
+        return APPLICATIONS[self.application]
+
     def compute_attention_bias(self, inputs):
         """The attention bias every block uses: padding, plus causal or UniLM masks."""
-        mode = APPLICATIONS[self.application]
+        mode = self.attention_mode()
         bias_inputs = inputs if mode == "unilm" else inputs[0]
         return self.apply(
             bias_inputs, L.AttentionBias, mode=mode, pad_id=self.pad_token_id, name="Attention-Mask"

@@ -368,7 +368,7 @@ class Tokenizer(TokenizerBase):
 
     def decode(self, ids, tokens=None):
         """Text of ids: specials dropped, '##' pieces glued, spaces only where words were apart."""
-        tokens = tokens or self.ids_to_tokens(ids)
+        tokens = self.ids_to_tokens(ids) if tokens is None else tokens
         tokens = [self._token_translate_inv.get(t) or t for t in tokens]
         text, previous = '', ''
         for token in tokens:
