@@ -124,10 +124,12 @@ def unilm_bias(segment_ids, dtype="float32"):
 def sinusoidal_embeddings(positions, dim, base=10000.0):
     """Transformer sinusoidal embeddings for float positions [..., n] -> [..., n, dim], interleaved
     as (sin, cos) pairs, the layout RoFormer's rotary embedding expects."""
-    freqs = ops.power(base, -2.0 * ops.arange(dim // 2, dtype="float32") / dim)
+    # Feature j has frequency base^(-2 (j // 2) / dim): sin at even j, cos at odd j. Selecting
+    # rather than stacking and reshaping keeps the shape static-free (symbolic tracing works).
+    freqs = ops.repeat(ops.power(base, -2.0 * ops.arange(dim // 2, dtype="float32") / dim), 2)
     angles = ops.expand_dims(ops.cast(positions, "float32"), -1) * freqs
-    pairs = ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1)
-    return ops.reshape(pairs, ops.concatenate([ops.shape(angles)[:-1], [dim]], axis=0))
+    even = ops.equal(ops.arange(2 * (dim // 2)) % 2, 0)
+    return ops.where(even, ops.sin(angles), ops.cos(angles))
 
 
 def apply_rotary(x, sinusoidal):

@@ -64,6 +64,34 @@ class Split:
         return tuple(shape)
 
 
+class Vocabulary:
+    """Rows of a vocabulary-indexed weight (token embeddings, MLM output bias) for a shrunk or
+    extended vocabulary: `keep_tokens` (old ids, in new-id order) selects rows, and each entry of
+    `compound_tokens` (a list of old ids, or (ids, weights)) appends their (weighted) mean, as
+    bert4keras's `keep_tokens` / `compound_tokens` do at load time. Loading only: a model built
+    this way writes its own, smaller vocabulary."""
+
+    def __init__(self, keep_tokens=None, compound_tokens=None):
+        self.keep_tokens, self.compound_tokens = keep_tokens, compound_tokens or []
+
+    def to_model(self, value):
+        value = np.asarray(value)
+        rows = value if self.keep_tokens is None else value[np.asarray(self.keep_tokens)]
+        extra = []
+        for item in self.compound_tokens:
+            ids, weights = (item, None) if _is_id_list(item) else item
+            extra.append(np.average(value[np.asarray(ids)], axis=0, weights=weights))
+        return np.concatenate([rows, np.asarray(extra, value.dtype)]) if extra else rows
+
+    def model_shape(self, shape):
+        rows = shape[0] if self.keep_tokens is None else len(self.keep_tokens)
+        return (rows + len(self.compound_tokens),) + tuple(shape[1:])
+
+
+def _is_id_list(item):
+    return all(isinstance(i, (int, np.integer)) for i in item)
+
+
 TRANSPOSE = (Transpose(),)
 
 
@@ -208,10 +236,14 @@ class Family:
     """A family's table, its rule from original names to Hugging Face names, and the HF prefix of
     its base model (files of the bare model omit it) and of its heads (which never carry it)."""
 
-    def __init__(self, table, hf_rule, hf_prefix, hf_heads=(), hf_ignored=None):
+    def __init__(self, table, hf_rule, hf_prefix, hf_heads=(), hf_ignored=None,
+                 google_ignored=None):
         self.table, self.hf_rule, self.hf_prefix, self.hf_heads = table, hf_rule, hf_prefix, hf_heads
         # Buffers and tied copies that HF files carry beside the parameters.
         self.hf_ignored = re.compile(hf_ignored or r"position_ids$")
+        # Variables of the release that belong to another model stored beside this one (ELECTRA
+        # keeps its generator and discriminator in one checkpoint).
+        self.google_ignored = re.compile(google_ignored) if google_ignored else None
 
 
 FAMILIES = {

@@ -198,3 +198,245 @@ class KVCache:
             buffers[f"key_{index}"] = np.zeros(shape + (t.attention_key_size,), "float32")
             buffers[f"value_{index}"] = np.zeros(shape + (t.attention_head_size,), "float32")
         return buffers
+
+
+# ---------------------------------------------------------------------------------------------------
+# AutoRegressiveDecoder: bert4keras's API, on batches, with the cache when given a model
+# ---------------------------------------------------------------------------------------------------
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class AutoRegressiveDecoder:
+    """Beam search and sampling for autoregressive models.
+
+    As in bert4keras, a subclass may define `predict(self, inputs, output_ids, states)` decorated
+    with `@AutoRegressiveDecoder.wraps(default_rtype)`, recomputing the whole prefix each step.
+    Given `model` (the Transformer builder from `build_transformer_model(...,
+    return_keras_model=False)` with application='lm' or 'unilm'), no predict is needed: each
+    input's prompt is run once and every new token costs one cached step.
+
+    `inputs` is one example (a list of 1-D sequences, e.g. [token_ids, segment_ids]) or a batch
+    (a list of lists of sequences, ragged allowed); a batch returns one result per example.
+    """
+
+    def __init__(self, start_id, end_id, maxlen, minlen=1, model=None, cache_size=None):
+        self.start_id, self.end_id = start_id, end_id
+        self.maxlen, self.minlen = maxlen, minlen
+        self.first_output_ids = np.empty((1, 0), "int64") if start_id is None else \
+            np.array([[start_id]])
+        self.transformer = model
+        self.cache_size = cache_size
+
+    @staticmethod
+    def wraps(default_rtype="probas", use_states=False):
+        """Make a user `predict` return (probas or log-probas, states) with temperature applied."""
+
+        def decorator(predict):
+            def new_predict(self, inputs, output_ids, states, temperature=1, rtype=default_rtype):
+                prediction = predict(self, inputs, output_ids, states)
+                scores, states = prediction if use_states else (prediction, None)
+                scores = np.asarray(scores, "float64")
+                if default_rtype == "logits":
+                    probas = _softmax(scores / temperature)
+                else:
+                    probas = np.power(scores, 1.0 / temperature) if temperature != 1 else scores
+                    probas = probas / probas.sum(axis=-1, keepdims=True)
+                return (probas if rtype == "probas" else np.log(probas + 1e-12)), states
+
+            return new_predict
+
+        return decorator
+
+    def last_token(self, model):
+        """A model that outputs only the last position of `model`'s output (cached per model)."""
+        if not hasattr(self, "_last_token_models"):
+            self._last_token_models = {}
+        if model not in self._last_token_models:
+            outputs = [L.SelectToken(index=-1)(output) for output in model.outputs]
+            self._last_token_models[model] = keras.Model(model.inputs, outputs)
+        return self._last_token_models[model]
+
+    def predict(self, inputs, output_ids, states, temperature=1, rtype="probas"):
+        raise NotImplementedError(
+            "Give AutoRegressiveDecoder a model (cached decoding) or define predict() decorated "
+            "with @AutoRegressiveDecoder.wraps(...)."
+        )
+
+    # -- scoring: the cache, or the user's predict ------------------------------------------------
+
+    def _log_probas(self, examples, rows, output_ids, states, temperature):
+        """Log-probabilities of the next token for each row; rows[i] is its example's index."""
+        if self.transformer is None:
+            row_inputs = self._stack([examples[r] for r in rows])
+            scores, states = self.predict(row_inputs, output_ids, states, temperature, "logits")
+            return scores, states
+        if states is None:
+            states = self._start_cache(examples, rows, output_ids)
+            probas = states.first_probas
+        else:
+            probas = states.step(output_ids[:, -1], self._new_segment_id())
+        probas = np.asarray(probas, "float64")
+        if temperature != 1:
+            probas = np.power(probas, 1.0 / temperature)
+        probas = probas / probas.sum(axis=-1, keepdims=True)
+        return np.log(probas + 1e-12), states
+
+    def _start_cache(self, examples, rows, output_ids):
+        prompts, segments = [], []
+        for row, prefix in zip(rows, output_ids):
+            sequences = examples[row]
+            token_ids = list(sequences[0]) + list(prefix)
+            segment_ids = list(sequences[1]) if len(sequences) > 1 else [0] * len(sequences[0])
+            prompts.append(token_ids)
+            segments.append(segment_ids + [self._new_segment_id()] * len(prefix))
+        longest = max(map(len, prompts))
+        cache = KVCache(self.transformer, self.cache_size or longest + self.maxlen + 1)
+        cache.first_probas = cache.start(prompts, segments)
+        return cache
+
+    def _new_segment_id(self):
+        return 1 if self.transformer.application == "unilm" else 0
+
+    def _select(self, states, rows):
+        if isinstance(states, KVCache):
+            states.select(rows)
+            return states
+        if states is None:
+            return None
+        return [np.asarray(s)[rows] for s in states] if isinstance(states, list) else \
+            np.asarray(states)[rows]
+
+    @staticmethod
+    def _stack(examples):
+        """Right-padded arrays [rows, length] from the rows' sequences."""
+        columns = list(zip(*examples))
+        stacked = []
+        for column in columns:
+            width = max(len(seq) for seq in column)
+            array = np.zeros((len(column), width), "int64")
+            for i, seq in enumerate(column):
+                array[i, : len(seq)] = seq
+            stacked.append(array)
+        return stacked
+
+    @staticmethod
+    def _as_batch(inputs):
+        single = np.ndim(inputs[0][0]) == 0 if len(inputs[0]) else True
+        examples = [[list(seq) for seq in inputs]] if single else \
+            [[list(seq) for seq in example] for example in zip(*inputs)]
+        return examples, single
+
+    def _ended(self, output_ids, min_ends):
+        ends = (output_ids == self.end_id).sum(axis=1)
+        return (output_ids[:, -1] == self.end_id) & (ends >= min_ends)
+
+    # -- beam search --------------------------------------------------------------------------------
+
+    def beam_search(self, inputs, topk, states=None, temperature=1, min_ends=1):
+        """The highest-scoring output per example, keeping `topk` beams."""
+        examples, single = self._as_batch(inputs)
+        rows = np.arange(len(examples))
+        output_ids = np.repeat(self.first_output_ids, len(examples), axis=0)
+        scores = np.zeros(len(examples))
+        results = [None] * len(examples)
+        for _ in range(self.maxlen):
+            log_probas, states = self._log_probas(examples, rows, output_ids, states, temperature)
+            parents, tokens, scores = self._best_candidates(rows, scores, log_probas, topk)
+            states = self._select(states, parents)
+            rows = rows[parents]
+            output_ids = np.concatenate([output_ids[parents], tokens[:, None]], axis=1)
+            keep = self._finish_beams(rows, output_ids, scores, results, min_ends)
+            if not keep.any():
+                break
+            states = self._select(states, np.flatnonzero(keep))
+            rows, output_ids, scores = rows[keep], output_ids[keep], scores[keep]
+        for row in np.unique(rows):  # maxlen reached: the best beam of each unfinished example
+            if results[row] is None:
+                mine = np.flatnonzero(rows == row)
+                results[row] = output_ids[mine[scores[mine].argmax()]]
+        return results[0] if single else results
+
+    @staticmethod
+    def _best_candidates(rows, scores, log_probas, topk):
+        """Per example, the topk (parent row, token) pairs by total score."""
+        parents, tokens, totals = [], [], []
+        vocab = log_probas.shape[1]
+        for example in np.unique(rows):
+            mine = np.flatnonzero(rows == example)
+            candidates = (scores[mine][:, None] + log_probas[mine]).ravel()
+            k = min(topk, candidates.size)
+            best = np.argpartition(-candidates, k - 1)[:k]
+            best = best[np.argsort(-candidates[best], kind="stable")]
+            parents.append(mine[best // vocab])
+            tokens.append(best % vocab)
+            totals.append(candidates[best])
+        return np.concatenate(parents), np.concatenate(tokens), np.concatenate(totals)
+
+    def _finish_beams(self, rows, output_ids, scores, results, min_ends):
+        """Record examples whose best beam has ended; drop ended beams. Returns rows to keep."""
+        ended = self._ended(output_ids, min_ends)
+        keep = ~ended
+        if output_ids.shape[1] < self.minlen:
+            return np.ones(len(rows), bool)
+        for example in np.unique(rows):
+            mine = np.flatnonzero(rows == example)
+            best = mine[scores[mine].argmax()]
+            if ended[best]:
+                results[example] = output_ids[best]
+                keep[mine] = False
+        return keep
+
+    # -- sampling -----------------------------------------------------------------------------------
+
+    def random_sample(self, inputs, n, topk=None, topp=None, states=None, temperature=1,
+                      min_ends=1):
+        """`n` sampled outputs per example, from the topk most likely tokens and/or the smallest
+        set whose probability reaches topp."""
+        examples, single = self._as_batch(inputs)
+        rows = np.arange(len(examples))
+        output_ids = np.repeat(self.first_output_ids, len(examples), axis=0)
+        results = [[] for _ in examples]
+        for step in range(self.maxlen):
+            log_probas, states = self._log_probas(examples, rows, output_ids, states, temperature)
+            if step == 0:  # one prompt run per example, then n samples of it
+                repeat = np.repeat(np.arange(len(rows)), n)
+                states = self._select(states, repeat)
+                rows, output_ids, log_probas = rows[repeat], output_ids[repeat], log_probas[repeat]
+            tokens = self._sample(np.exp(log_probas), topk, topp)
+            output_ids = np.concatenate([output_ids, tokens[:, None]], axis=1)
+            done = self._ended(output_ids, min_ends) if output_ids.shape[1] >= self.minlen else \
+                np.zeros(len(rows), bool)
+            for row, ids in zip(rows[done], output_ids[done]):
+                results[row].append(ids)
+            if done.all():
+                rows = rows[:0]
+                break
+            if done.any():
+                states = self._select(states, np.flatnonzero(~done))
+                rows, output_ids = rows[~done], output_ids[~done]
+        for row, ids in zip(rows, output_ids):
+            results[row].append(ids)
+        return results[0] if single else results
+
+    @staticmethod
+    def _sample(probas, topk, topp):
+        candidates = np.tile(np.arange(probas.shape[1]), (len(probas), 1))
+        if topk is not None:
+            top = np.argpartition(-probas, topk - 1, axis=1)[:, :topk]
+            probas = np.take_along_axis(probas, top, axis=1)
+            candidates = top
+        if topp is not None:
+            order = np.argsort(-probas, axis=1)
+            probas = np.take_along_axis(probas, order, axis=1)
+            candidates = np.take_along_axis(candidates, order, axis=1)
+            cumulative = np.cumsum(probas / probas.sum(axis=1, keepdims=True), axis=1)
+            beyond = np.roll(cumulative >= topp, 1, axis=1)  # keep the token that crosses topp
+            beyond[:, 0] = False
+            probas = np.where(beyond, 0.0, probas)
+        probas = probas / probas.sum(axis=1, keepdims=True)
+        picks = [np.random.choice(len(p), p=p) for p in probas]
+        return candidates[np.arange(len(probas)), picks]

@@ -40,6 +40,9 @@ class PositionEmbedding(keras.layers.Layer):
     `hierarchical` (a float alpha, e.g. 0.4) decomposes position p into (p // n, p % n) over the
     learned table of size n, so a model trained on n positions runs on n * n: the embeddings of
     positions < n are the original ones (Su Jianlin's hierarchical decomposition).
+
+    `offset` shifts every position by a constant: Hugging Face RoBERTa's table keeps rows 0 and 1
+    for padding, and position p reads row p + pad_token_id + 1.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class PositionEmbedding(keras.layers.Layer):
         merge_mode="add",
         hierarchical=None,
         embeddings_initializer="zeros",
+        offset=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -56,6 +60,7 @@ class PositionEmbedding(keras.layers.Layer):
         self.output_dim = output_dim
         self.merge_mode = merge_mode
         self.hierarchical = hierarchical
+        self.offset = offset
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     def build(self, input_shape):
@@ -66,7 +71,7 @@ class PositionEmbedding(keras.layers.Layer):
         )
 
     def max_length(self):
-        return self.input_dim**2 if self.hierarchical else self.input_dim
+        return (self.input_dim**2 if self.hierarchical else self.input_dim) - self.offset
 
     def check_length(self, length):
         if isinstance(length, int) and length > self.max_length():
@@ -78,6 +83,8 @@ class PositionEmbedding(keras.layers.Layer):
 
     def position_embeddings(self, positions):
         embeddings = ops.cast(self.embeddings, self.compute_dtype)
+        if self.offset:
+            positions = positions + self.offset
         if not self.hierarchical:
             return ops.take(embeddings, positions, axis=0)
         alpha = self.hierarchical
@@ -114,7 +121,54 @@ class PositionEmbedding(keras.layers.Layer):
             merge_mode=self.merge_mode,
             hierarchical=self.hierarchical,
             embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+            offset=self.offset,
         )
+        return config
+
+
+@register
+class SinusoidalPositionEmbedding(keras.layers.Layer):
+    """The sinusoidal table of positions 0..length-1 of the input, [1, length, output_dim] as
+    interleaved (sin, cos) pairs, with no weights: RoFormer's rotary attention rotates queries
+    and keys by it. `positions` [batch, length] overrides 0..length-1 (cached decoding)."""
+
+    def __init__(self, output_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.output_dim = output_dim
+
+    def call(self, inputs, positions=None):
+        if positions is None:
+            positions = ops.expand_dims(ops.arange(ops.shape(inputs)[1]), 0)
+        return ops.cast(K.sinusoidal_embeddings(positions, self.output_dim), self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_dim=self.output_dim)
+        return config
+
+
+@register
+class RelativePositionEmbedding(keras.layers.Layer):
+    """NEZHA's functional relative positions, with no weights: for query i and key j, row
+    clip(j - i, -max_distance, max_distance) + max_distance of the sinusoidal table (sin at even,
+    cos at odd features), as NEZHA's release computes it. Inputs [queries, keys] (or one
+    sequence for both); output [q_len, k_len, output_dim]."""
+
+    def __init__(self, output_dim, max_distance=64, **kwargs):
+        super().__init__(**kwargs)
+        self.output_dim = output_dim
+        self.max_distance = max_distance
+
+    def call(self, inputs):
+        q, k = inputs if isinstance(inputs, (list, tuple)) else (inputs, inputs)
+        distance = (ops.expand_dims(ops.arange(ops.shape(k)[1]), 0)
+                    - ops.expand_dims(ops.arange(ops.shape(q)[1]), 1))
+        index = ops.clip(distance, -self.max_distance, self.max_distance) + self.max_distance
+        return ops.cast(K.sinusoidal_embeddings(index, self.output_dim), self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_dim=self.output_dim, max_distance=self.max_distance)
         return config
 
 
@@ -126,23 +180,63 @@ class PositionEmbedding(keras.layers.Layer):
 @register
 class LayerNormalization(keras.layers.Layer):
     """LayerNorm with the checkpoint names gamma/beta. `rms=True` drops the mean and beta
-    (T5's RMSNorm); `center=False, scale=False` give RoFormer-v2's parameter-free norm."""
+    (T5's RMSNorm); `rms=True, scale=False` is RoFormer-v2's parameter-free norm.
 
-    def __init__(self, epsilon=1e-12, center=True, scale=True, rms=False, **kwargs):
+    `conditional=True` (Conditional LayerNorm, as bert4keras's `layer_norm_cond`): the inputs are
+    [x, condition] and gamma, beta are shifted by Dense projections of the condition
+    (`gamma_dense`, `beta_dense`, zero-initialised so the layer starts as the plain LayerNorm),
+    optionally after a `hidden_units` projection of the condition.
+    """
+
+    def __init__(self, epsilon=1e-12, center=True, scale=True, rms=False, conditional=False,
+                 hidden_units=None, hidden_activation="linear",
+                 hidden_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon
         self.center = center and not rms
         self.scale = scale
         self.rms = rms
+        self.conditional = conditional
+        self.hidden_units = hidden_units
+        self.hidden_activation = K.activation_name(hidden_activation)
+        self.hidden_initializer = keras.initializers.get(hidden_initializer)
 
     def build(self, input_shape):
+        if self.conditional:
+            input_shape, condition_shape = input_shape
         dim = input_shape[-1]
         if self.scale:
             self.gamma = self.add_weight(name="gamma", shape=(dim,), initializer="ones")
         if self.center:
             self.beta = self.add_weight(name="beta", shape=(dim,), initializer="zeros")
+        if not self.conditional:
+            return
+
+        def dense(units, name, **kwargs):
+            layer = keras.layers.Dense(units, use_bias=False, name=name,
+                                       dtype=self.dtype_policy, **kwargs)
+            layer.build(condition_shape)
+            return layer
+
+        if self.hidden_units:
+            self.hidden_dense = dense(self.hidden_units, "hidden_dense",
+                                      activation=K.get_activation(self.hidden_activation),
+                                      kernel_initializer=self.hidden_initializer)
+            condition_shape = tuple(condition_shape[:-1]) + (self.hidden_units,)
+        if self.scale:
+            self.gamma_dense = dense(dim, "gamma_dense", kernel_initializer="zeros")
+        if self.center:
+            self.beta_dense = dense(dim, "beta_dense", kernel_initializer="zeros")
 
     def call(self, inputs):
+        condition = None
+        if self.conditional:
+            inputs, condition = inputs
+            if self.hidden_units:
+                condition = self.hidden_dense(condition)
+            for _ in range(len(inputs.shape) - len(condition.shape)):
+                condition = ops.expand_dims(condition, 1)  # [batch, dim] -> [batch, 1, dim]
+            condition = ops.cast(condition, "float32")
         # Statistics in float32 even under mixed precision: bf16 variance loses too many bits.
         x = ops.cast(inputs, "float32")
         if not self.rms:
@@ -150,14 +244,29 @@ class LayerNormalization(keras.layers.Layer):
         variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
         x = x * ops.rsqrt(variance + self.epsilon)
         if self.scale:
-            x = x * ops.cast(self.gamma, "float32")
+            gamma = ops.cast(self.gamma, "float32")
+            if condition is not None:
+                gamma = gamma + ops.cast(self.gamma_dense(condition), "float32")
+            x = x * gamma
         if self.center:
-            x = x + ops.cast(self.beta, "float32")
+            beta = ops.cast(self.beta, "float32")
+            if condition is not None:
+                beta = beta + ops.cast(self.beta_dense(condition), "float32")
+            x = x + beta
         return ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0] if self.conditional else input_shape
 
     def get_config(self):
         config = super().get_config()
         config.update(epsilon=self.epsilon, center=self.center, scale=self.scale, rms=self.rms)
+        if self.conditional:
+            config.update(
+                conditional=True, hidden_units=self.hidden_units,
+                hidden_activation=self.hidden_activation,
+                hidden_initializer=keras.initializers.serialize(self.hidden_initializer),
+            )
         return config
 
 
@@ -261,18 +370,37 @@ class MultiHeadAttention(keras.layers.Layer):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         return ops.reshape(x, (batch, length, self.heads, size))
 
-    def call(self, inputs, bias=None, cache=None, training=None):
+    def call(self, inputs, bias=None, cache=None, training=None, rotary_embeddings=None,
+             relative_embeddings=None, residual_scores=None, return_scores=False):
         """`cache` (cached decoding, see bert4k.decoding) stores this call's keys and values into
-        its buffer and returns the whole buffer's, so earlier positions are not recomputed."""
+        its buffer and returns the whole buffer's, so earlier positions are not recomputed.
+
+        Position information inside attention:
+        - `rotary_embeddings` [1, length, key_size] (interleaved sin, cos pairs): RoFormer's
+          rotary positions rotate the queries and keys (before caching, at their own positions);
+        - `relative_embeddings` [q_len, k_len, key_size]: NEZHA's relative positions (Shaw et
+          al.) add q . r_qk to the logits and sum_k p_qk r_qk to the values.
+        `residual_scores` (RealFormer) are the previous layer's logits, added to this layer's;
+        `return_scores=True` returns (output, logits), the logits before `bias`, for the next.
+        """
         q, k, v = inputs[:3]
         qw = self._split_heads(self.q_dense(q), self.key_size)
         kw = self._split_heads(self.k_dense(k), self.key_size)
         vw = self._split_heads(self.v_dense(v), self.head_size)
+        if rotary_embeddings is not None:
+            sinusoidal = ops.expand_dims(ops.cast(rotary_embeddings, qw.dtype), -2)
+            qw, kw = K.apply_rotary(qw, sinusoidal), K.apply_rotary(kw, sinusoidal)
         if cache is not None:
             kw, vw = cache.update(kw, vw)
         scores = ops.einsum("bqnd,bknd->bnqk", qw, kw)
+        if relative_embeddings is not None:
+            relative = ops.cast(relative_embeddings, qw.dtype)
+            scores = scores + ops.einsum("bqnd,qkd->bnqk", qw, relative)
         if self.attention_scale:
             scores = scores * (self.key_size**-0.5)
+        if residual_scores is not None:
+            scores = scores + ops.cast(residual_scores, scores.dtype)
+        logits = scores
         if bias is not None:
             scores = scores + ops.cast(bias, scores.dtype)
         # Softmax in float32: under bf16 the -1e4 mask and large logits lose precision.
@@ -280,12 +408,23 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.dropout is not None:
             probs = self.dropout(probs, training=training)
         out = ops.einsum("bnqk,bknd->bqnd", probs, vw)
+        if relative_embeddings is not None:
+            out = out + ops.einsum("bnqk,qkd->bqnd", probs, ops.cast(relative, probs.dtype))
         batch, length = ops.shape(out)[0], ops.shape(out)[1]
-        return self.o_dense(ops.reshape(out, (batch, length, self.heads * self.head_size)))
+        out = self.o_dense(ops.reshape(out, (batch, length, self.heads * self.head_size)))
+        return (out, logits) if return_scores else out
 
     def compute_output_shape(self, input_shape):
         q_shape = input_shape[0]
         return tuple(q_shape[:-1]) + (self.out_dim or q_shape[-1],)
+
+    def compute_output_spec(self, inputs, *args, return_scores=False, **kwargs):
+        output = super().compute_output_spec(inputs, *args, **kwargs)
+        if not return_scores:
+            return output
+        q_shape, k_shape = inputs[0].shape, inputs[1].shape
+        scores_shape = (q_shape[0], self.heads, q_shape[1], k_shape[1])
+        return output, keras.KerasTensor(scores_shape, dtype=self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()

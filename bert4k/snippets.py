@@ -896,7 +896,11 @@ class ViterbiDecoder:
         return np.array(path[::-1])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# AutoRegressiveDecoder (beam search, sampling)
-# To be written by the lead on top of the models' key/value cache; bert4keras scripts import it from here.
-# ----------------------------------------------------------------------------------------------------------
+def __getattr__(name):
+    # bert4keras scripts import AutoRegressiveDecoder from snippets; it lives in bert4k.decoding
+    # (beside the key/value cache), loaded lazily so importing snippets stays free of Keras.
+    if name == "AutoRegressiveDecoder":
+        from bert4k.decoding import AutoRegressiveDecoder
+
+        return AutoRegressiveDecoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

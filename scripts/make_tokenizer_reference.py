@@ -6,7 +6,7 @@ Run with a Python that has transformers 5 and tokenizers (torch is not needed):
 
 Without --vocab it uses $BERT4K_MINILM_DIR/vocab.txt, else the copy bert4k.assets fetches and caches.
 
-The truth is the Python tokenizer (`BertTokenizerLegacy` in transformers 5, `BertTokenizer` before).
+The truth is the Python tokenizer (`BertTokenizerLegacy` in transformers 5, `BertTokenizer` in 4).
 The Rust one (`BertTokenizer`/`BertTokenizerFast` in transformers 5) is run too; where it disagrees its
 tokens are stored as `fast_tokens` and listed on stdout.
 
@@ -28,12 +28,9 @@ from pathlib import Path
 
 import tokenizers
 import transformers
+# transformers 5: BertTokenizer is the Rust one, the Python one lives on as BertTokenizerLegacy.
 from transformers.models.bert.tokenization_bert import BertTokenizer as RustBertTokenizer
-
-try:  # transformers 5 keeps the Python implementation under this name
-    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as PythonBertTokenizer
-except ImportError:  # transformers 4
-    from transformers.models.bert.tokenization_bert import BertTokenizer as PythonBertTokenizer
+from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as PythonBertTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -313,3 +313,17 @@ def test_failed_save_leaves_no_files(tiny_config, tmp_path):
     with pytest.raises(CheckpointError, match="classifier"):
         save_weights_as_checkpoint(extended, tmp_path / "bert_model.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_minilm_token_ids_equal_transformers(minilm_dir, minilm_reference):
+    from bert4k.snippets import sequence_padding
+    from bert4k.tokenizers import Tokenizer
+
+    tokenizer = Tokenizer(str(minilm_dir / "vocab.txt"), do_lower_case=True)
+    encoded = [tokenizer.encode(str(a), str(b) or None)
+               for a, b in zip(minilm_reference["texts"], minilm_reference["pairs"])]
+    token_ids = sequence_padding([ids for ids, _ in encoded])
+    segment_ids = sequence_padding([segments for _, segments in encoded])
+    np.testing.assert_array_equal(token_ids, minilm_reference["token_ids"])
+    np.testing.assert_array_equal(segment_ids, minilm_reference["segment_ids"])

@@ -1,0 +1,130 @@
+"""Cached decoding against full recomputation, beam search against greedy decoding, batches
+against single calls."""
+
+import keras
+import numpy as np
+import pytest
+
+from bert4k.decoding import AutoRegressiveDecoder, KVCache
+from bert4k.models import build_transformer_model
+
+END = 3
+CONFIG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, max_position=64)
+CASES = [("gpt2", "lm"), ("bert", "lm"), ("bert", "unilm")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+def transformer(request):
+    model, application = request.param
+    keras.utils.set_random_seed(7)
+    extra = dict(with_mlm=True) if model == "bert" else {}
+    return build_transformer_model(model=model, application=application,
+                                   return_keras_model=False, **CONFIG, **extra)
+
+
+def prompts(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(4, 40, size=rng.integers(2, 7))) for _ in range(count)]
+
+
+def full_inputs(transformer, token_ids, prompt_length):
+    ids = np.array([token_ids])
+    if transformer.family == "gpt2":
+        return ids
+    segments = np.zeros_like(ids)
+    if transformer.application == "unilm":
+        segments[0, prompt_length:] = 1
+    return [ids, segments]
+
+
+class Uncached(AutoRegressiveDecoder):
+    """bert4keras style: recompute the whole prefix every step."""
+
+    def __init__(self, transformer, **kwargs):
+        super().__init__(**kwargs)
+        self.t = transformer
+
+    @AutoRegressiveDecoder.wraps(default_rtype="probas")
+    def predict(self, inputs, output_ids, states):
+        token_ids = np.concatenate([inputs[0], output_ids], axis=1)
+        if self.t.family == "gpt2":
+            return self.last_token(self.t.model).predict(token_ids, verbose=0)
+        segment_ids = np.concatenate(
+            [inputs[1], np.full_like(output_ids, int(self.t.application == "unilm"))], axis=1)
+        return self.last_token(self.t.model).predict([token_ids, segment_ids], verbose=0)
+
+
+def example(transformer, prompt):
+    return [prompt] if transformer.family == "gpt2" else [prompt, [0] * len(prompt)]
+
+
+def test_cached_steps_equal_full_recomputation(transformer):
+    batch = prompts(3)
+    cache = KVCache(transformer, 24)
+    probas = cache.start(batch, [[0] * len(p) for p in batch])
+    sequences = [list(p) for p in batch]
+    new_segment = int(transformer.application == "unilm")
+    for _ in range(4):
+        for row, sequence in enumerate(sequences):
+            full = transformer.model.predict(
+                full_inputs(transformer, sequence, len(batch[row])), verbose=0)[0, -1]
+            np.testing.assert_allclose(probas[row], full, atol=1e-6)
+        tokens = probas.argmax(-1)
+        for row, token in enumerate(tokens):
+            sequences[row].append(int(token))
+        probas = cache.step(tokens, new_segment)
+
+
+def greedy(transformer, prompt, maxlen):
+    output = []
+    for _ in range(maxlen):
+        probas = transformer.model.predict(
+            full_inputs(transformer, prompt + output, len(prompt)), verbose=0)[0, -1]
+        output.append(int(probas.argmax()))
+        if output[-1] == END:
+            break
+    return output
+
+
+def test_beam_search_with_topk_1_is_greedy(transformer):
+    decoder = AutoRegressiveDecoder(start_id=None, end_id=END, maxlen=6, model=transformer)
+    for prompt in prompts(2, seed=1):
+        got = decoder.beam_search(example(transformer, prompt), topk=1)
+        assert list(got) == greedy(transformer, prompt, 6)
+
+
+def test_cached_beam_search_equals_uncached(transformer):
+    cached = AutoRegressiveDecoder(start_id=None, end_id=END, maxlen=6, model=transformer)
+    uncached = Uncached(transformer, start_id=None, end_id=END, maxlen=6)
+    for prompt in prompts(2, seed=2):
+        inputs = example(transformer, prompt)
+        assert list(cached.beam_search(inputs, topk=3)) == list(uncached.beam_search(inputs, 3))
+
+
+def test_cached_sampling_equals_uncached(transformer):
+    cached = AutoRegressiveDecoder(start_id=None, end_id=END, maxlen=5, model=transformer)
+    uncached = Uncached(transformer, start_id=None, end_id=END, maxlen=5)
+    inputs = example(transformer, prompts(1, seed=3)[0])
+    np.random.seed(11)
+    a = cached.random_sample(inputs, n=3, topk=10, topp=0.9)
+    np.random.seed(11)
+    b = uncached.random_sample(inputs, n=3, topk=10, topp=0.9)
+    assert [list(x) for x in a] == [list(x) for x in b]
+
+
+def test_a_batch_decodes_like_single_calls(transformer):
+    decoder = AutoRegressiveDecoder(start_id=None, end_id=END, maxlen=6, model=transformer)
+    batch = prompts(8, seed=4)
+    examples = [example(transformer, p) for p in batch]
+    batched = decoder.beam_search([list(column) for column in zip(*examples)], topk=2)
+    singles = [decoder.beam_search(e, topk=2) for e in examples]
+    assert [list(x) for x in batched] == [list(x) for x in singles]
+
+
+def test_sampling_respects_topk():
+    probas = np.array([[0.1, 0.5, 0.05, 0.35]] * 200)
+    tokens = AutoRegressiveDecoder._sample(probas, topk=2, topp=None)
+    assert set(tokens) == {1, 3}
+    tokens = AutoRegressiveDecoder._sample(probas, topk=None, topp=0.5)
+    assert set(tokens) == {1}
