@@ -67,8 +67,8 @@ class Split:
 class Vocabulary:
     """Rows of a vocabulary-indexed weight (token embeddings, MLM output bias) for a shrunk or
     extended vocabulary: `keep_tokens` (old ids, in new-id order) selects rows, and each entry of
-    `compound_tokens` (a list of old ids, or (ids, weights)) appends their (weighted) mean, as
-    bert4keras's `keep_tokens` / `compound_tokens` do at load time. Loading only: a model built
+    `compound_tokens` (a list of ids of the kept vocabulary, or (ids, weights)) appends their
+    (weighted) mean, as bert4keras's `keep_tokens` / `compound_tokens` do at load time. Loading only: a model built
     this way writes its own, smaller vocabulary."""
 
     def __init__(self, keep_tokens=None, compound_tokens=None):
@@ -80,7 +80,7 @@ class Vocabulary:
         extra = []
         for item in self.compound_tokens:
             ids, weights = (item, None) if _is_id_list(item) else item
-            extra.append(np.average(value[np.asarray(ids)], axis=0, weights=weights))
+            extra.append(np.average(rows[np.asarray(ids)], axis=0, weights=weights))
         return np.concatenate([rows, np.asarray(extra, value.dtype)]) if extra else rows
 
     def model_shape(self, shape):
@@ -252,6 +252,177 @@ FAMILIES = {
     "gpt2": Family(GPT2_TABLE, gpt2_hf_name, "transformer.", hf_heads=("lm_head.",),
                    hf_ignored=r"(\.attn\.(bias|masked_bias)$|^lm_head\.weight$)"),
 }
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder families beside BERT. Each table is BERT's with its own names; each Hugging Face rule is
+# a few renames of original names before BERT's conventions (layer_N -> layer.N, kernel -> weight
+# transposed, gamma/beta -> weight/bias, / -> .).
+# ---------------------------------------------------------------------------------------------------
+
+
+def renamed_hf_rule(renames=(), special=None):
+    """A Hugging Face rule: `special` original names map to the given HF names (steps kept);
+    the others go through the regex `renames`, then through bert_hf_name."""
+    special = special or {}
+
+    def rule(original, steps):
+        if original in special:
+            return special[original], steps
+        name = original
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        return bert_hf_name(name, steps)
+
+    return rule
+
+
+def _rows(prefix, google, steps=None, weights=("kernel", "bias")):
+    return [(f"{prefix}/{w}", f"{google}/{w}", steps) for w in weights]
+
+
+# Factorised embeddings (embedding_size != hidden_size) are projected by this layer in Google's
+# ALBERT, and bert4keras reads it under the same name for every BERT-like family.
+EMBEDDING_MAPPING = _rows("Embedding-Mapping", "bert/encoder/embedding_hidden_mapping_in")
+
+_BLOCK_LAYERS = [  # (our layer suffix, Google BERT scope, weights)
+    ("MultiHeadSelfAttention/q_dense", "attention/self/query", ("kernel", "bias")),
+    ("MultiHeadSelfAttention/k_dense", "attention/self/key", ("kernel", "bias")),
+    ("MultiHeadSelfAttention/v_dense", "attention/self/value", ("kernel", "bias")),
+    ("MultiHeadSelfAttention/o_dense", "attention/output/dense", ("kernel", "bias")),
+    ("MultiHeadSelfAttention-Norm", "attention/output/LayerNorm", ("gamma", "beta")),
+    ("FeedForward/i0_dense", "intermediate/dense", ("kernel", "bias")),
+    ("FeedForward/o_dense", "output/dense", ("kernel", "bias")),
+    ("FeedForward-Norm", "output/LayerNorm", ("gamma", "beta")),
+]
+
+
+def _without(table, *ours_prefixes):
+    return [row for row in table if not row[0].startswith(ours_prefixes)]
+
+
+# -- RoBERTa: Google BERT's layout (bert4keras reads RoBERTa converted to it); Hugging Face names
+# the base model 'roberta.' and the MLM head 'lm_head.'.
+ROBERTA_TABLE = BERT_TABLE + EMBEDDING_MAPPING
+roberta_hf_name = renamed_hf_rule(
+    renames=[(r"^bert/", "roberta/"),
+             (r"^cls/predictions/transform/dense/", "lm_head/dense/"),
+             (r"^cls/predictions/transform/LayerNorm/", "lm_head/layer_norm/")],
+    special={"cls/predictions/output_bias": "lm_head.bias"},
+)
+
+# -- ALBERT: one block shared by every layer, under group_0/inner_group_0 (num_hidden_groups and
+# inner_group_num 1, as in every release). 'albert_unshared' reads the same variables into
+# separate per-layer blocks (Transformer-{i}-...), so they can be fine-tuned apart.
+ALBERT_BLOCK = "bert/encoder/transformer/group_0/inner_group_0/"
+_ALBERT_SCOPES = {
+    "attention/self/query": "attention_1/self/query",
+    "attention/self/key": "attention_1/self/key",
+    "attention/self/value": "attention_1/self/value",
+    "attention/output/dense": "attention_1/output/dense",
+    "attention/output/LayerNorm": "LayerNorm",
+    "intermediate/dense": "ffn_1/intermediate/dense",
+    "output/dense": "ffn_1/intermediate/output/dense",
+    "output/LayerNorm": "LayerNorm_1",
+}
+
+
+def _albert_table(block):
+    table = _without(BERT_TABLE, "Transformer-") + EMBEDDING_MAPPING
+    for ours, scope, weights in _BLOCK_LAYERS:
+        table += _rows(f"{block}-{ours}", ALBERT_BLOCK + _ALBERT_SCOPES[scope], weights=weights)
+    return table
+
+
+ALBERT_TABLE = _albert_table("Transformer")
+ALBERT_UNSHARED_TABLE = _albert_table("Transformer-{i}")
+_HF_ALBERT_BLOCK = "albert/encoder/albert_layer_groups/0/albert_layers/0/"
+albert_hf_name = renamed_hf_rule(
+    renames=[(ALBERT_BLOCK + "attention_1/self/", _HF_ALBERT_BLOCK + "attention/"),
+             (ALBERT_BLOCK + "attention_1/output/dense/", _HF_ALBERT_BLOCK + "attention/dense/"),
+             (ALBERT_BLOCK + "LayerNorm/", _HF_ALBERT_BLOCK + "attention/LayerNorm/"),
+             (ALBERT_BLOCK + "ffn_1/intermediate/dense/", _HF_ALBERT_BLOCK + "ffn/"),
+             (ALBERT_BLOCK + "ffn_1/intermediate/output/dense/", _HF_ALBERT_BLOCK + "ffn_output/"),
+             (ALBERT_BLOCK + "LayerNorm_1/", _HF_ALBERT_BLOCK + "full_layer_layer_norm/"),
+             (r"^bert/pooler/dense/", "albert/pooler/"),
+             (r"^bert/", "albert/"),
+             (r"^cls/predictions/transform/", "predictions/")],
+    special={"cls/predictions/output_bias": "predictions.bias",
+             "cls/seq_relationship/output_weights": "sop_classifier.classifier.weight",
+             "cls/seq_relationship/output_bias": "sop_classifier.classifier.bias"},
+)
+
+# -- NEZHA: BERT without absolute position embeddings (relative positions have no weights).
+NEZHA_TABLE = _without(BERT_TABLE, "Embedding-Position") + EMBEDDING_MAPPING
+nezha_hf_name = renamed_hf_rule(renames=[(r"^bert/", "nezha/")])
+
+# -- RoFormer: BERT without absolute positions (rotary ones have no weights). Hugging Face names
+# the base model 'roformer.' and the embedding projection 'embeddings_project'.
+ROFORMER_TABLE = NEZHA_TABLE
+roformer_hf_name = renamed_hf_rule(
+    renames=[(r"^bert/encoder/embedding_hidden_mapping_in/", "roformer/embeddings_project/"),
+             (r"^bert/", "roformer/")])
+
+# -- RoFormer-v2: RoFormer with no biases, parameter-free norms and a bare MLM head (the tied
+# embeddings, after `Output-Mapping` when embedding_size != hidden_size: the release names no
+# variable for that projection; bert4k stores it as BERT's MLM transform).
+ROFORMER_V2_TABLE = [
+    row for row in _without(ROFORMER_TABLE, "Pooler-", "NSP-", "MLM-")
+    if not re.search(r"/(bias|beta|gamma)$", row[1])
+] + [("Output-Mapping/kernel", "cls/predictions/transform/dense/kernel", None)]
+
+# -- ELECTRA: the discriminator under electra/ with its embedding projection and prediction head;
+# the generator (smaller, MLM head) under generator/, sharing the discriminator's embeddings.
+ELECTRA_TABLE = [
+    (ours, "electra/" + google[len("bert/"):], steps)
+    for ours, google, steps in _without(BERT_TABLE, "Pooler-") + EMBEDDING_MAPPING
+    if google.startswith("bert/")
+]
+ELECTRA_TABLE = [
+    (ours, google.replace("electra/encoder/embedding_hidden_mapping_in", "electra/embeddings_project"),
+     steps) for ours, google, steps in ELECTRA_TABLE
+] + _rows("Discriminator-Dense", "discriminator_predictions/dense") \
+  + _rows("Discriminator-Prediction", "discriminator_predictions/dense_1")
+ELECTRA_GENERATOR_TABLE = [
+    (ours, re.sub(r"^electra/(encoder|embeddings_project)", r"generator/\1", google), steps)
+    for ours, google, steps in ELECTRA_TABLE if not ours.startswith("Discriminator-")
+] + _rows("MLM-Dense", "generator_predictions/dense") + [
+    ("MLM-Norm/gamma", "generator_predictions/LayerNorm/gamma", None),
+    ("MLM-Norm/beta", "generator_predictions/LayerNorm/beta", None),
+    ("MLM-Bias/bias", "generator_predictions/output_bias", None),
+]
+electra_hf_name = renamed_hf_rule(
+    renames=[(r"^discriminator_predictions/dense_1/", "discriminator_predictions/dense_prediction/")])
+electra_generator_hf_name = renamed_hf_rule(
+    renames=[(r"^generator/", "electra/")],
+    special={"generator_predictions/output_bias": "generator_lm_head.bias"})
+
+FAMILIES.update({
+    "roberta": Family(ROBERTA_TABLE, roberta_hf_name, "roberta.", hf_heads=("lm_head.",),
+                      hf_ignored=r"(position_ids$|^lm_head\.decoder\.(weight|bias)$)"),
+    "albert": Family(ALBERT_TABLE, albert_hf_name, "albert.",
+                     hf_heads=("predictions.", "sop_classifier."),
+                     hf_ignored=r"(position_ids$|^predictions\.decoder\.(weight|bias)$)"),
+    "albert_unshared": Family(ALBERT_UNSHARED_TABLE, albert_hf_name, "albert.",
+                              hf_heads=("predictions.", "sop_classifier."),
+                              hf_ignored=r"(position_ids$|^predictions\.decoder\.(weight|bias)$)"),
+    "nezha": Family(NEZHA_TABLE, nezha_hf_name, "nezha.", hf_heads=("cls.",),
+                    hf_ignored=r"(position_ids$|relative_positions|"
+                               r"^cls\.predictions\.decoder\.(weight|bias)$)"),
+    "roformer": Family(ROFORMER_TABLE, roformer_hf_name, "roformer.", hf_heads=("cls.",),
+                       hf_ignored=r"(position_ids$|embed_positions\.weight$|"
+                                  r"^cls\.predictions\.decoder\.(weight|bias)$)"),
+    "roformer_v2": Family(ROFORMER_V2_TABLE, roformer_hf_name, "roformer.", hf_heads=("cls.",),
+                          hf_ignored=r"(position_ids$|embed_positions\.weight$|"
+                                     r"^cls\.predictions\.decoder\.weight$)"),
+    "electra": Family(ELECTRA_TABLE, electra_hf_name, "electra.",
+                      hf_heads=("discriminator_predictions.",),
+                      google_ignored=r"^(generator|generator_predictions)/"),
+    "electra_generator": Family(ELECTRA_GENERATOR_TABLE, electra_generator_hf_name, "electra.",
+                                hf_heads=("generator_predictions.", "generator_lm_head."),
+                                hf_ignored=r"(position_ids$|^generator_lm_head\.weight$)",
+                                google_ignored=r"^(electra/(encoder|embeddings_project)|"
+                                               r"discriminator_predictions)/"),
+})
 
 # Variables that belong to training, not to the model: optimizer slots, step counters, buffers.
 IGNORED_GOOGLE = re.compile(r"(adam_[mv]|global_step|good_steps|bad_steps|loss_scale|Momentum)")
@@ -430,13 +601,22 @@ class Mapping:
         return None
 
     def weight_path(self, checkpoint_name):
-        """(our weight path, whether it is per-block) for a checkpoint name, or None."""
+        """(our weight path, whether it is per-block) for a checkpoint name, or None. A name
+        without a block index that feeds every block (ALBERT read unshared) gives block 0's."""
         for _, name_re, ours, name, _ in self.rows:
             match = name_re.fullmatch(checkpoint_name)
             if match:
                 per_block = "{i}" in ours
-                return ours.replace("{i}", match.group("i") if per_block else ""), per_block
+                index = match.group("i") if "{i}" in name else "0"
+                return ours.replace("{i}", index if per_block else ""), per_block
         return None
+
+
+# Weights bert4k adds to a family's layers (Conditional LayerNorm's condition projections) have no
+# name in any release: they are written as "bert4k/<weight path>" and read back from there; a
+# checkpoint without them leaves their initial values (zeros: the plain LayerNorm).
+EXTENSION_WEIGHTS = re.compile(r"-Norm/(gamma|beta|hidden)_dense/kernel$")
+EXTENSION_PREFIX = "bert4k/"
 
 
 def _pattern(template):
@@ -451,7 +631,7 @@ def _normalize_hf_names(shapes, spec):
     canonical = {}
     for name in shapes:
         full = name
-        if not prefixed and not name.startswith(spec.hf_heads):
+        if not prefixed and not name.startswith(tuple(spec.hf_heads) + (EXTENSION_PREFIX,)):
             full = spec.hf_prefix + name
         full = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", full)
         full = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", full)
@@ -464,8 +644,13 @@ def _normalize_hf_names(shapes, spec):
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invalid_weights=False):
-    """Assign every model weight from the checkpoint, by name; report all problems at once."""
+def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invalid_weights=False,
+                 adapt=None):
+    """Assign every model weight from the checkpoint, by name; report all problems at once.
+
+    `adapt` maps some of our weight paths to steps applied after the table's (e.g. a Vocabulary
+    for keep_tokens).
+    """
     reader = open_checkpoint(checkpoint_path)
     mapping = Mapping(family, reader.layout)
     if reader.layout == "huggingface":
@@ -474,15 +659,22 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
     else:
         names = {n: n for n in reader.shapes}
         ignored = IGNORED_GOOGLE
+        if FAMILIES[family].google_ignored is not None:
+            ignored = re.compile(f"{IGNORED_GOOGLE.pattern}|{FAMILIES[family].google_ignored.pattern}")
     weights = {_strip(w.path, prefix): w for w in model.weights}
 
     assignments, missing, mismatched = [], [], []
     for path, variable in weights.items():
         found = mapping.checkpoint_name(path)
+        if found is None and EXTENSION_WEIGHTS.search(path):
+            if EXTENSION_PREFIX + path not in names:
+                continue  # keeps its initial value
+            found = (EXTENSION_PREFIX + path, None)
         if found is None:
             missing.append(f"  {path} {tuple(variable.shape)}: not in the {family!r} mapping table")
             continue
         name, transform = found
+        transform = tuple(transform or ()) + tuple((adapt or {}).get(path, ()))
         if name not in names:
             missing.append(f"  {name} (for {path}, shape {tuple(variable.shape)})")
             continue
@@ -501,6 +693,8 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
         if ignored.search(canonical):
             continue
         found = mapping.weight_path(canonical)
+        if canonical.startswith(EXTENSION_PREFIX):
+            found = (canonical[len(EXTENSION_PREFIX):], True)
         if found is None or (found[1] and found[0] not in weights):
             unexpected.append(f"  {stored_name} {reader.shapes[stored_name]}")
 
@@ -552,6 +746,8 @@ def checkpoint_variables(model, family="bert", layout="google", prefix=""):
     for weight in model.weights:
         path = _strip(weight.path, prefix)
         found = mapping.checkpoint_name(path)
+        if found is None and EXTENSION_WEIGHTS.search(path):
+            found = (EXTENSION_PREFIX + path, None)
         if found is None:
             raise CheckpointError(
                 f"Weight {path!r} has no name in the {family!r} checkpoint table; "
@@ -559,7 +755,15 @@ def checkpoint_variables(model, family="bert", layout="google", prefix=""):
             )
         name, steps = found
         part = steps[-1].part if steps and isinstance(steps[-1], Split) else 0
-        parts.setdefault(name, (steps, {}))[1][part] = np.asarray(weight.numpy())
+        value = np.asarray(weight.numpy())
+        stored = parts.setdefault(name, (steps, {}))[1]
+        if part in stored and not np.array_equal(stored[part], value):
+            # Several weights read from one variable (ALBERT read unshared) and have diverged.
+            raise CheckpointError(
+                f"Weight {path!r} and another weight both map to {name!r} in the {family!r} "
+                "layout but hold different values; this layout cannot store them apart."
+            )
+        stored[part] = value
     return {
         name: np.ascontiguousarray(to_checkpoint([values[k] for k in sorted(values)], steps))
         for name, (steps, values) in parts.items()

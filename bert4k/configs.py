@@ -46,8 +46,32 @@ METADATA_KEYS = frozenset(
     embd_pdrop summary_type summary_use_proj summary_activation summary_proj_to_labels
     summary_first_dropout scale_attn_weights reorder_and_upcast_attn
     scale_attn_by_inverse_layer_idx add_bias_logits
+    classifier_dropout_prob summary_last_dropout
     """.split()
 )
+
+
+def _roberta(config, arguments, source):
+    # fairseq/HF RoBERTa reserve rows 0..pad_token_id of the position table: position p reads row
+    # p + pad_token_id + 1, and max_position_embeddings counts those rows.
+    arguments["position_offset"] = config.get("pad_token_id", 1) + 1
+
+
+def _albert(config, arguments, source):
+    for key in ("num_hidden_groups", "inner_group_num"):
+        value = arguments.pop(key, 1)
+        if value != 1:
+            raise ValueError(f"{source}: {key}={value} is not supported; ALBERT releases share one "
+                             "group of one block (1).")
+
+
+def _roformer(config, arguments, source):
+    if arguments.pop("rotary_value", False):
+        raise ValueError(f"{source}: rotary_value=true (rotating the values too) is not supported.")
+
+
+# Hugging Face model_type -> translation of its config keys that differ from BERT's.
+MODEL_TYPE_TRANSLATIONS = {"roberta": _roberta, "albert": _albert, "roformer": _roformer}
 
 # Hugging Face model_type -> the bert4k model names that can read such a checkpoint.
 COMPATIBLE_MODEL_TYPES = {
@@ -111,6 +135,8 @@ def config_to_arguments(config, model, source="config"):
         if key in METADATA_KEYS or key == "position_embedding_type":
             continue
         arguments[ALIASES.get(key, key)] = value
+    if model_type in MODEL_TYPE_TRANSLATIONS:
+        MODEL_TYPE_TRANSLATIONS[model_type](config, arguments, source)
     return arguments
 
 

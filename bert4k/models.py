@@ -46,7 +46,28 @@ class Transformer:
         ignore_invalid_weights=False,
         prefix=None,
         name=None,
+        keep_tokens=None,
+        compound_tokens=None,
+        residual_attention_scores=False,
+        layer_norm_cond=None,
+        layer_norm_cond_hidden_size=None,
+        layer_norm_cond_hidden_act=None,
+        additional_input_layers=None,
     ):
+        """Options every family shares, beside the sizes:
+
+        keep_tokens: old token ids to keep, in new-id order (from load_vocab(simplified=True)):
+            the vocabulary shrinks to them, and the token embeddings and MLM bias read from a
+            checkpoint keep only their rows. compound_tokens: new tokens appended after them,
+            each a list of ids of the kept vocabulary (or (ids, weights)) whose mean
+            initialises it.
+        residual_attention_scores: RealFormer, each attention adds the previous one's logits.
+        layer_norm_cond: Conditional LayerNorm in every norm. An int n adds an input
+            'Input-Condition' of shape (n,); a Keras tensor is used as the condition, with
+            `additional_input_layers` (the keras.Input(s) it comes from) appended to the
+            model's inputs. layer_norm_cond_hidden_size/_act: a projection of the condition
+            first.
+        """
         application = application or self.default_application
         if application not in APPLICATIONS:
             raise ValueError(
@@ -80,6 +101,19 @@ class Transformer:
         self.name = name
         self.layers = {}
         self.model = None
+        if keep_tokens is not None:
+            self.vocab_size = len(keep_tokens)
+        self.vocab_size += len(compound_tokens or [])
+        self.keep_tokens = keep_tokens
+        self.compound_tokens = compound_tokens
+        self.residual_attention_scores = residual_attention_scores
+        self.attention_scores = None
+        self.layer_norm_cond = layer_norm_cond
+        self.layer_norm_cond_hidden_size = layer_norm_cond_hidden_size
+        self.layer_norm_cond_hidden_act = layer_norm_cond_hidden_act
+        self.additional_input_layers = additional_input_layers
+        self.layer_norm_condition = None
+        self.position_bias = None
         self.decoding = None  # a bert4k.decoding.DecodingState during a cached decoding step
 
     @classmethod
@@ -96,12 +130,14 @@ class Transformer:
 
     def build(self):
         inputs = self.get_inputs()
+        condition_inputs = self.set_layer_norm_condition()
         self.attention_bias = self.compute_attention_bias(inputs)
         x = self.apply_embeddings(inputs)
+        self.position_bias = self.compute_position_bias(x)
         for index in range(self.num_hidden_layers):
             x = self.apply_main_layers(x, index)
         outputs = self.apply_final_layers(x)
-        self.model = keras.Model(inputs, outputs, name=self.name)
+        self.model = keras.Model(inputs + condition_inputs, outputs, name=self.name)
         return self.model
 
     def apply(self, inputs=None, layer=None, arguments=None, **kwargs):
@@ -118,7 +154,17 @@ class Transformer:
             return layer
         if self.decoding is not None:
             arguments = self.decoding.arguments_for(layer, arguments)
+        if self.residual_attention_scores and isinstance(layer, L.MultiHeadAttention):
+            return self.call_with_residual_scores(layer, inputs, arguments)
         return layer(inputs, **(arguments or {}))
+
+    def call_with_residual_scores(self, layer, inputs, arguments):
+        """RealFormer (arXiv:2012.11747): each attention adds the previous one's logits."""
+        arguments = dict(arguments or {}, return_scores=True)
+        if self.attention_scores is not None:
+            arguments["residual_scores"] = self.attention_scores
+        output, self.attention_scores = layer(inputs, **arguments)
+        return output
 
     @property
     def initializer(self):
@@ -142,6 +188,27 @@ class Transformer:
 
     def apply_embeddings(self, inputs):
         raise NotImplementedError
+
+    def set_layer_norm_condition(self):
+        """Set the Conditional LayerNorm condition; return the model inputs it adds."""
+        condition = self.layer_norm_cond
+        if condition is None:
+            return []
+        if isinstance(condition, int):
+            condition = keras.Input((condition,), name=self.prefix + "Input-Condition")
+            extra = [condition]
+        else:
+            extra = self.additional_input_layers
+            if extra is None:
+                extra = [condition]
+            extra = list(extra) if isinstance(extra, (list, tuple)) else [extra]
+        self.layer_norm_condition = condition
+        return extra
+
+    def compute_position_bias(self, x):
+        """Position information every attention receives (relative or rotary embeddings),
+        computed once from the embedded sequence; None for absolute positions."""
+        return None
 
     def block_name(self, index):
         """Prefix of block `index`'s layer names; ALBERT drops the index so blocks share layers."""
@@ -185,7 +252,17 @@ class Transformer:
         return h if self.pre_norm else self.apply_norm(h, f"{name}-Norm")
 
     def apply_norm(self, x, name):
-        return self.apply(x, L.LayerNormalization, epsilon=self.layer_norm_epsilon, name=name)
+        settings = dict(epsilon=self.layer_norm_epsilon, **self.norm_settings())
+        if self.layer_norm_condition is not None:
+            x = [x, self.layer_norm_condition]
+            settings.update(conditional=True, hidden_units=self.layer_norm_cond_hidden_size,
+                            hidden_activation=self.layer_norm_cond_hidden_act or "linear",
+                            hidden_initializer=self.initializer)
+        return self.apply(x, L.LayerNormalization, name=name, **settings)
+
+    def norm_settings(self):
+        """LayerNormalization options of the family (RoFormer-v2: parameter-free RMS norm)."""
+        return {}
 
     def apply_final_layers(self, x):
         raise NotImplementedError
@@ -194,7 +271,18 @@ class Transformer:
 
     def load_weights_from_checkpoint(self, checkpoint_path):
         checkpoints.load_weights(self.model, checkpoint_path, self.family, prefix=self.prefix,
-                                 ignore_invalid_weights=self.ignore_invalid_weights)
+                                 ignore_invalid_weights=self.ignore_invalid_weights,
+                                 adapt=self.checkpoint_adaptations())
+
+    # Weights indexed by token id, whose rows keep_tokens / compound_tokens select and extend.
+    vocabulary_weights = ("Embedding-Token/embeddings", "MLM-Bias/bias")
+
+    def checkpoint_adaptations(self):
+        """{our weight path: steps after the family's table} for this model's options."""
+        if self.keep_tokens is None and not self.compound_tokens:
+            return {}
+        step = (checkpoints.Vocabulary(self.keep_tokens, self.compound_tokens),)
+        return {path: step for path in self.vocabulary_weights}
 
     def save_weights_as_checkpoint(self, checkpoint_prefix):
         checkpoints.save_weights_as_checkpoint(self.model, checkpoint_prefix, self.family,
@@ -205,12 +293,19 @@ class BERT(Transformer):
     """Google BERT: post-LayerNorm blocks, learned absolute positions, pooler, NSP and MLM heads."""
 
     family = "bert"
+    use_bias = True  # of the embedding projection (RoFormer-v2 has no biases)
 
-    def __init__(self, with_pool=False, with_nsp=False, with_mlm=False, **kwargs):
+    def __init__(self, with_pool=False, with_nsp=False, with_mlm=False, hierarchical_position=None,
+                 position_offset=0, **kwargs):
+        """hierarchical_position: True (alpha 0.4) or a float alpha runs the learned positions
+        beyond max_position, up to max_position**2. position_offset: first row of the position
+        table (Hugging Face RoBERTa: pad_token_id + 1; set from its config.json)."""
         super().__init__(**kwargs)
         self.with_pool = with_pool or with_nsp
         self.with_nsp = with_nsp
         self.with_mlm = with_mlm
+        self.hierarchical_position = 0.4 if hierarchical_position is True else hierarchical_position
+        self.position_offset = position_offset
 
     def get_inputs(self):
         shape = (self.sequence_length,)
@@ -228,15 +323,20 @@ class BERT(Transformer):
                            output_dim=self.embedding_size,
                            embeddings_initializer=self.initializer, name="Embedding-Segment")
             x = self.apply([x, s], keras.layers.Add, name="Embedding-Token-Segment")
-        x = self.apply(x, L.PositionEmbedding, input_dim=self.max_position,
-                       output_dim=self.embedding_size, embeddings_initializer=self.initializer,
-                       name="Embedding-Position")
+        x = self.apply_position_embeddings(x)
         x = self.apply_norm(x, "Embedding-Norm")
         x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Embedding-Dropout")
         if self.embedding_size != self.hidden_size:
-            x = self.apply(x, keras.layers.Dense, units=self.hidden_size,
+            x = self.apply(x, keras.layers.Dense, units=self.hidden_size, use_bias=self.use_bias,
                            kernel_initializer=self.initializer, name="Embedding-Mapping")
         return x
+
+    def apply_position_embeddings(self, x):
+        """Learned absolute positions; NEZHA and RoFormer put positions in attention instead."""
+        return self.apply(x, L.PositionEmbedding, input_dim=self.max_position,
+                          output_dim=self.embedding_size, hierarchical=self.hierarchical_position,
+                          offset=self.position_offset, embeddings_initializer=self.initializer,
+                          name="Embedding-Position")
 
     def apply_final_layers(self, x):
         """bert4keras's output convention: the sequence alone; with heads, only the heads."""
@@ -271,6 +371,141 @@ class BERT(Transformer):
         x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
         x = self.apply(x, L.BiasAdd, name="MLM-Bias")
         return self.apply(x, L.Activation, activation=mlm_activation, name="MLM-Activation")
+
+
+class RoBERTa(BERT):
+    """RoBERTa: BERT's network. Hugging Face files name it 'roberta.' with an 'lm_head.' MLM head,
+    and their position table starts at pad_token_id + 1 (position_offset, set from config.json)."""
+
+    family = "roberta"
+
+
+class ALBERT(BERT):
+    """ALBERT: factorised embeddings (Embedding-Mapping) and one block shared by every layer."""
+
+    family = "albert"
+
+    def block_name(self, index):
+        return "Transformer"
+
+
+class ALBERT_Unshared(BERT):
+    """ALBERT's weights read into separate blocks, one per layer (fine-tuned apart, like BERT)."""
+
+    family = "albert_unshared"
+
+
+class NEZHA(BERT):
+    """NEZHA (arXiv:1909.00204): functional relative positions, sinusoidal and clipped at
+    max_relative_position, added to the keys and the values of every attention."""
+
+    family = "nezha"
+
+    def __init__(self, max_relative_position=64, use_relative_position=True, **kwargs):
+        super().__init__(**kwargs)
+        if not use_relative_position:
+            raise ValueError("NEZHA without relative positions is BERT: build it with model='bert'.")
+        if self.attention_key_size != self.attention_head_size:
+            raise ValueError(
+                f"NEZHA adds one relative embedding to keys and values: attention_key_size="
+                f"{self.attention_key_size} must equal attention_head_size={self.attention_head_size}."
+            )
+        self.max_relative_position = max_relative_position
+
+    def apply_position_embeddings(self, x):
+        return x
+
+    def compute_position_bias(self, x):
+        return self.apply(x, L.RelativePositionEmbedding, output_dim=self.attention_key_size,
+                          max_distance=self.max_relative_position,
+                          name="Embedding-Relative-Position")
+
+    def attention_arguments(self, index):
+        return dict(super().attention_arguments(index), relative_embeddings=self.position_bias)
+
+
+class RoFormer(BERT):
+    """RoFormer (arXiv:2104.09864): rotary positions rotate the queries and keys of every
+    attention; no absolute position embeddings."""
+
+    family = "roformer"
+
+    def apply_position_embeddings(self, x):
+        return x
+
+    def compute_position_bias(self, x):
+        return self.apply(x, L.SinusoidalPositionEmbedding, output_dim=self.attention_key_size,
+                          name="Embedding-Rotary-Position")
+
+    def attention_arguments(self, index):
+        return dict(super().attention_arguments(index), rotary_embeddings=self.position_bias)
+
+
+class RoFormerV2(RoFormer):
+    """RoFormer-v2 (ZhuiyiTechnology/roformer-v2): RoFormer without any bias, with the
+    parameter-free RMS norm x / sqrt(mean(x^2) + eps) (no gamma, no beta), still post-norm, and an
+    MLM head that is the tied embeddings alone. (bert4keras's own initializer for pretraining
+    from scratch is not reproduced: checkpoints and fine-tuning do not depend on it.)"""
+
+    family = "roformer_v2"
+    use_bias = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.with_pool or self.with_nsp:
+            raise ValueError("RoFormer-v2 has no pooler or NSP head; use with_mlm, or pool yourself.")
+
+    def norm_settings(self):
+        return dict(rms=True, scale=False)
+
+    def attention_settings(self):
+        return dict(super().attention_settings(), use_bias=False)
+
+    def feed_forward_settings(self):
+        return dict(super().feed_forward_settings(), use_bias=False)
+
+    def apply_mlm(self, x):
+        if self.embedding_size != self.hidden_size:
+            x = self.apply(x, keras.layers.Dense, units=self.embedding_size, use_bias=False,
+                           kernel_initializer=self.initializer, name="Output-Mapping")
+        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Output-MLM-Dropout")
+        x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
+        activation = "softmax" if self.with_mlm is True else self.with_mlm
+        return self.apply(x, L.Activation, activation=activation, name="Output-MLM-Activation")
+
+
+class ELECTRA(BERT):
+    """ELECTRA (arXiv:2003.10555). The discriminator reads electra/ names; `with_discriminator`
+    adds its replaced-token head (True: sigmoid probabilities, or an activation name).
+    `generator=True` builds the generator instead (its config: hidden size and heads of the
+    generator), which reads generator/ names, shares the embeddings under electra/embeddings,
+    and has the MLM head (`with_mlm`)."""
+
+    def __init__(self, with_discriminator=False, generator=False, **kwargs):
+        super().__init__(**kwargs)
+        if self.with_pool:
+            raise ValueError("ELECTRA has no pooler or NSP head (with_pool, with_nsp).")
+        if self.with_mlm and not generator:
+            raise ValueError("ELECTRA's MLM head belongs to its generator: pass generator=True "
+                             "(with the generator's sizes).")
+        if with_discriminator and generator:
+            raise ValueError("with_discriminator is the discriminator's head; the generator has "
+                             "the MLM head (with_mlm).")
+        self.with_discriminator = with_discriminator
+        self.generator = generator
+        self.family = "electra_generator" if generator else "electra"
+
+    def apply_final_layers(self, x):
+        if self.with_discriminator:
+            activation = "sigmoid" if self.with_discriminator is True else self.with_discriminator
+            x = self.apply(x, keras.layers.Dense, units=self.hidden_size,
+                           activation=K.get_activation(self.hidden_act),
+                           kernel_initializer=self.initializer, name="Discriminator-Dense")
+            return self.apply(x, keras.layers.Dense, units=1,
+                              activation=K.get_activation(activation),
+                              kernel_initializer=self.initializer,
+                              name="Discriminator-Prediction")
+        return super().apply_final_layers(x)
 
 
 class GPT2(Transformer):
@@ -315,6 +550,10 @@ class GPT2(Transformer):
 
 
 MODELS = {"bert": BERT, "gpt2": GPT2}
+MODELS.update({
+    "roberta": RoBERTa, "albert": ALBERT, "albert_unshared": ALBERT_Unshared, "nezha": NEZHA,
+    "roformer": RoFormer, "roformer_v2": RoFormerV2, "electra": ELECTRA,
+})
 
 
 def build_transformer_model(

@@ -14,7 +14,12 @@ import os
 
 import numpy as np
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertConfig, BertModel
+
+try:  # transformers 5 keeps the Python (original BERT) tokenizer under this name
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as BertTokenizer
+except ImportError:  # transformers 4
+    from transformers import BertTokenizer
 
 # Pairs exercise segment ids; the batch pads to its longest member, exercising the padding mask.
 SENTENCES = [
@@ -41,9 +46,10 @@ def encode_batch(tokenizer):
     seconds = [b for _, b in SENTENCES]
     ids, segments = [], []
     for a, b in zip(firsts, seconds):
-        enc = tokenizer(a, b) if b else tokenizer(a)
-        ids.append(enc["input_ids"])
-        segments.append(enc["token_type_ids"])
+        first = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(a))
+        second = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(b)) if b else None
+        ids.append(tokenizer.build_inputs_with_special_tokens(first, second))
+        segments.append([0] * (len(first) + 2) + ([1] * (len(second) + 1) if second else []))
     length = max(map(len, ids))
     pad = lambda rows: np.array([r + [0] * (length - len(r)) for r in rows], dtype=np.int64)  # noqa
     return pad(ids), pad(segments)

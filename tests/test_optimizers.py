@@ -490,11 +490,38 @@ def compose(extensions, name, base=O.Adam):
 @pytest.mark.parametrize("order", ["forward", "reversed"])
 def test_all_eight_serialize_by_name_in_either_order(order):
     extensions = EXTENSIONS if order == "forward" else EXTENSIONS[::-1]
-    optimizer = compose(extensions, name=f"TestAllEight{order}")(**ALL_ARGUMENTS)
+    arguments = dict(ALL_ARGUMENTS)
+    if order == "reversed":
+        arguments["learning_rate"] = O.WarmupLinearDecay(0.01, warmup_steps=10, total_steps=100)
+    optimizer = compose(extensions, name=f"TestAllEight{order}")(**arguments)
     config = json.loads(json.dumps(keras.optimizers.serialize(optimizer)))  # as in a .keras file
     assert config["registered_name"] == f"bert4k>TestAllEight{order}"
     restored = keras.optimizers.deserialize(config)
     assert type(restored) is type(optimizer)
+    assert restored.get_config() == optimizer.get_config()
+
+
+BASE_OPTIMIZERS = {
+    "Adam": O.Adam,
+    "Adamax": O.Adamax,
+    "Lion": O.Lion,
+    "AdaFactor": O.AdaFactor,
+    "Lamb": keras.optimizers.Lamb,
+    "SGD": keras.optimizers.SGD,
+}
+
+
+@pytest.mark.parametrize("base", sorted(BASE_OPTIMIZERS))
+def test_all_eight_extend_every_base_optimizer(base):
+    optimizer = compose(EXTENSIONS, name=f"TestAllEightOn{base}", base=BASE_OPTIMIZERS[base])(
+        **ALL_ARGUMENTS)
+    variables = layer_variables()
+    initial = values(variables)
+    apply_steps(optimizer, variables, fixed_gradients(variables, steps=2 * 3))  # 3 real updates
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 3
+    assert all(np.all(np.isfinite(v)) for v in values(variables))
+    assert not np.allclose(values(variables)[0], initial[0])
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert restored.get_config() == optimizer.get_config()
 
 
@@ -604,6 +631,38 @@ result["before"] = model.evaluate(inputs, labels, verbose=0)
 model.fit(inputs, labels, batch_size=16, epochs=T.BERT_EPOCHS, verbose=0)
 result["after"] = model.evaluate(inputs, labels, verbose=0)
 result["updates"] = int(optimizer.iterations.numpy())
+optimizer.apply_ema_weights()
+result["ema"] = model.evaluate(inputs, labels, verbose=0)
+optimizer.reset_old_weights()
+result["reset"] = model.evaluate(inputs, labels, verbose=0)
+
+# All eight in a custom loop: two replicas end where one device does.
+def custom_loop(strategy):
+    tokens, targets = T.regression_data(samples=32)
+    with strategy.scope():
+        model = T.small_model()
+        optimizer = T.compose(T.EXTENSIONS, name="LoopAllEight")(**T.ALL_ARGUMENTS)
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.MeanSquaredError(reduction="sum")
+
+    @tf.function
+    def train_step(tokens, targets):
+        def replica_step(tokens, targets):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(targets, model(tokens)) / 8.0  # global batch of 8
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(gradients, model.trainable_variables)
+        strategy.run(replica_step, args=(tokens, targets))
+
+    dataset = tf.data.Dataset.from_tensor_slices((tokens, targets)).batch(8).repeat(2)
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        train_step(*batch)
+    return [w.numpy() for w in model.trainable_variables], int(optimizer.iterations.numpy())
+
+single, single_updates = custom_loop(tf.distribute.get_strategy())
+mirrored, mirrored_updates = custom_loop(strategy)
+result["loop_gap"] = max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
+result["loop_updates"] = [single_updates, mirrored_updates]
 
 # Accumulation over micro-batches equals steps on concatenated batches across replicas.
 tokens, targets = T.regression_data()
@@ -633,4 +692,6 @@ def test_all_eight_under_mirrored_strategy_with_two_cpus():
     assert result["replicas"] == 2
     assert result["after"] < 0.5 * result["before"], result
     assert result["updates"] == BERT_EPOCHS * 128 // (16 * 2)
+    assert result["ema"] < result["before"] and result["reset"] == pytest.approx(result["after"])
     assert result["accumulation_gap"] < 1e-6, result
+    assert result["loop_gap"] < 1e-5 and result["loop_updates"] == [4, 4], result
