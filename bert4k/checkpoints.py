@@ -232,6 +232,65 @@ def gpt2_hf_name(original, steps):
     return name.replace("/", "."), steps
 
 
+def _t5_table(gated):
+    """T5 in the Mesh TensorFlow release names. Its kernels are [in, out] like ours; its relative
+    attention biases are [heads, buckets]."""
+    table = [
+        ("Embedding-Token/embeddings", "shared/embedding", None),
+        ("Encoder-Output-Norm/gamma", "encoder/final_layer_norm/scale", None),
+        ("Decoder-Output-Norm/gamma", "decoder/final_layer_norm/scale", None),
+    ]
+    for stack in ("Encoder", "Decoder"):
+        table.append((f"{stack}-Embedding-Relative-Position/embeddings",
+                      f"{stack.lower()}/block_000/layer_000/SelfAttention/relative_attention_bias",
+                      TRANSPOSE))
+    sublayers = {
+        "Encoder": [("MultiHeadSelfAttention", "SelfAttention"), ("FeedForward", "DenseReluDense")],
+        "Decoder": [("MultiHeadSelfAttention", "SelfAttention"),
+                    ("MultiHeadCrossAttention", "EncDecAttention"),
+                    ("FeedForward", "DenseReluDense")],
+    }
+    inputs = ["wi_0", "wi_1"] if gated else ["wi"]
+    for stack, parts in sublayers.items():
+        for number, (ours, original) in enumerate(parts):
+            block = f"{stack}-Transformer-{{i}}-{ours}"
+            scope = f"{stack.lower()}/block_{{i:03d}}/layer_{number:03d}"
+            table.append((f"{block}-Norm/gamma", f"{scope}/layer_norm/scale", None))
+            if ours == "FeedForward":
+                for k, name in enumerate(inputs):
+                    table.append((f"{block}/i{k}_dense/kernel", f"{scope}/{original}/{name}/kernel",
+                                  None))
+                table.append((f"{block}/o_dense/kernel", f"{scope}/{original}/wo/kernel", None))
+            else:
+                for dense, name in zip(["q_dense", "k_dense", "v_dense", "o_dense"], "qkvo"):
+                    table.append((f"{block}/{dense}/kernel", f"{scope}/{original}/{name}", None))
+    if gated:
+        table.append(("Decoder-Output-LM/kernel", "decoder/logits/kernel", None))
+    return table
+
+
+def t5_hf_name(original, steps):
+    """Mesh TensorFlow T5 names -> Hugging Face T5ForConditionalGeneration names."""
+    if original == "decoder/logits/kernel":
+        return "lm_head.weight", TRANSPOSE
+    name = re.sub(r"block_(\{i:03d\}|\d+)",
+                  lambda m: "block." + ("{i}" if m.group(1)[0] == "{" else str(int(m.group(1)))),
+                  original)
+    name = re.sub(r"layer_0*(\d)", r"layer.\1", name)
+    name = name.replace("shared/embedding", "shared/weight")
+    if name.endswith("relative_attention_bias"):
+        return name.replace("/", ".") + ".weight", None
+    if re.search(r"/(scale|kernel|[qkvo])$", name):
+        transposed = not name.endswith("scale")
+        name = re.sub(r"/(scale|kernel)$", "", name) + "/weight"
+        steps = TRANSPOSE if transposed else steps
+    return name.replace("/", "."), steps
+
+
+T5_TABLE = _t5_table(gated=False)
+T5_1_1_TABLE = _t5_table(gated=True)
+
+
 class Family:
     """A family's table, its rule from original names to Hugging Face names, and the HF prefix of
     its base model (files of the bare model omit it) and of its heads (which never carry it)."""
@@ -249,6 +308,10 @@ class Family:
 FAMILIES = {
     "bert": Family(BERT_TABLE, bert_hf_name, "bert.", hf_heads=("cls.",),
                    hf_ignored=r"(position_ids$|cls\.predictions\.decoder\.(weight|bias)$)"),
+    "t5": Family(T5_TABLE, t5_hf_name, "", hf_heads=("lm_head.",),
+                 hf_ignored=r"(embed_tokens\.weight$|^lm_head\.weight$)"),
+    "t5.1.1": Family(T5_1_1_TABLE, t5_hf_name, "", hf_heads=("lm_head.",),
+                     hf_ignored=r"embed_tokens\.weight$"),
     "gpt2": Family(GPT2_TABLE, gpt2_hf_name, "transformer.", hf_heads=("lm_head.",),
                    hf_ignored=r"(\.attn\.(bias|masked_bias)$|^lm_head\.weight$)"),
 }
@@ -597,7 +660,7 @@ class Mapping:
         for ours_re, _, _, name, transform in self.rows:
             match = ours_re.fullmatch(weight_path)
             if match:
-                return name.replace("{i}", match.group("i") if "{i}" in name else ""), transform
+                return _fill(name, match.groupdict().get("i")), transform
         return None
 
     def weight_path(self, checkpoint_name):
@@ -606,9 +669,8 @@ class Mapping:
         for _, name_re, ours, name, _ in self.rows:
             match = name_re.fullmatch(checkpoint_name)
             if match:
-                per_block = "{i}" in ours
-                index = match.group("i") if "{i}" in name else "0"
-                return ours.replace("{i}", index if per_block else ""), per_block
+                per_block = INDEX.search(ours) is not None
+                return _fill(ours, match.groupdict().get("i") or "0"), per_block
         return None
 
 
@@ -619,9 +681,22 @@ EXTENSION_WEIGHTS = re.compile(r"-Norm/(gamma|beta|hidden)_dense/kernel$")
 EXTENSION_PREFIX = "bert4k/"
 
 
+# The block index in a template: {i}, or with a format such as {i:03d} (T5's block_007).
+INDEX = re.compile(r"\{i(?::([^}]*))?\}")
+
+
 def _pattern(template):
-    parts = template.split("{i}")
-    return re.compile(r"(?P<i>\d+)".join(re.escape(p) for p in parts))
+    regex, last = "", 0
+    for match in INDEX.finditer(template):
+        regex += re.escape(template[last:match.start()]) + r"(?P<i>\d+)"
+        last = match.end()
+    return re.compile(regex + re.escape(template[last:]))
+
+
+def _fill(template, index):
+    """The template with block `index` (digits, or None for none) in its placeholder."""
+    return INDEX.sub(lambda m: "" if index is None else format(int(index), m.group(1) or ""),
+                     template)
 
 
 def _normalize_hf_names(shapes, spec):
@@ -816,7 +891,8 @@ def save_weights_as_safetensors(model, path, family="bert", prefix=""):
 
 
 def _unwrap(model, family, prefix):
-    """Accept a Transformer builder (which knows its family and prefix) or a Keras model."""
+    """Accept a Transformer builder (which knows its family and prefix, and whose `weights` are
+    its own layers', not those of a user's layers around them) or a Keras model."""
     if hasattr(model, "family") and hasattr(model, "model"):
-        return model.model, model.family, model.prefix
+        return model, model.family, model.prefix
     return model, family, prefix

@@ -23,6 +23,12 @@ ALIASES = {
     "activation_function": "hidden_act",
     "resid_pdrop": "dropout_rate",
     "attn_pdrop": "attention_dropout_rate",
+    # T5
+    "d_model": "hidden_size",
+    "d_kv": "attention_head_size",
+    "d_ff": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
 }
 
 # Keys that describe training runs, tokenizers or generation, not the network: accepted in a file
@@ -82,8 +88,8 @@ COMPATIBLE_MODEL_TYPES = {
     "roformer": {"roformer", "roformer_v2"},
     "gpt2": {"gpt2"},
     "openai-gpt": {"gpt"},
-    "t5": {"t5", "t5.1.1", "mt5.1.1"},
-    "mt5": {"mt5.1.1", "t5.1.1"},
+    "t5": {"t5", "t5.1.0", "t5.1.1", "mt5.1.1", "t5_encoder", "t5_decoder"},
+    "mt5": {"mt5.1.1", "t5.1.1", "t5_encoder", "t5_decoder"},
 }
 
 
@@ -127,6 +133,8 @@ def config_to_arguments(config, model, source="config"):
             "only 'absolute' positions (use model='nezha' for relative positions)."
         )
     config = dict(config)
+    if model_type in ("t5", "mt5"):
+        config = _t5_config(config)
     if "n_ctx" in config:  # OpenAI's hparams.json names the context n_ctx; HF's n_positions wins
         config.setdefault("n_positions", config["n_ctx"])
         del config["n_ctx"]
@@ -138,6 +146,23 @@ def config_to_arguments(config, model, source="config"):
     if model_type in MODEL_TYPE_TRANSLATIONS:
         MODEL_TYPE_TRANSLATIONS[model_type](config, arguments, source)
     return arguments
+
+
+def _t5_config(config):
+    """HF T5 configs give the version through the feed-forward: gated-GELU is 1.1 (and mT5),
+    ReLU is 1.0 (its output tied to the scaled embeddings)."""
+    gated = config.pop("is_gated_act", None)
+    projection = config.pop("feed_forward_proj", "relu")
+    gated = projection.startswith("gated-") if gated is None else gated
+    activation = config.pop("dense_act_fn", projection.replace("gated-", ""))
+    activation = "gelu_new" if activation == "gelu" and gated else activation
+    config["version"] = ("mt5.1.1" if config["model_type"] == "mt5" else "t5.1.1") if gated \
+        else "t5.1.0"
+    config["hidden_act"] = [activation, "linear"] if gated else activation
+    for key in ("initializer_factor", "n_positions", "tie_word_embeddings",
+                "scale_decoder_outputs"):
+        config.pop(key, None)
+    return config
 
 
 def load_config(config_path, model):

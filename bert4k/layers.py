@@ -1,6 +1,8 @@
 """Keras 3 layers of the transformer families: plain layers with explicit `get_config`, registered
 under the package name "bert4k" so saved models load with `safe_mode=True`."""
 
+import math
+
 import keras
 from keras import ops
 
@@ -172,6 +174,85 @@ class RelativePositionEmbedding(keras.layers.Layer):
         return config
 
 
+@register
+class RelativePositionBias(keras.layers.Layer):
+    """T5's relative attention bias: key-minus-query distances fall into log-spaced buckets (signed
+    when bidirectional), each bucket with a learned bias per head. Inputs [queries, keys];
+    output [1 or batch, heads, q_len, k_len]. `positions` [batch, q_len] and `key_length` give
+    the real query positions and buffer length during cached decoding."""
+
+    def __init__(self, heads, num_buckets=32, max_distance=128, bidirectional=True,
+                 embeddings_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.heads = heads
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(name="embeddings", shape=(self.num_buckets, self.heads),
+                                          initializer=self.embeddings_initializer)
+
+    def bucket(self, distance):
+        buckets, n = self.num_buckets, -distance
+        offset = 0
+        if self.bidirectional:
+            buckets //= 2
+            offset = ops.cast(n < 0, "int32") * buckets
+            n = ops.abs(n)
+        else:
+            n = ops.maximum(n, 0)
+        exact = buckets // 2
+        scaled = ops.log(ops.maximum(ops.cast(n, "float32"), 1.0) / exact)
+        scaled = scaled / math.log(self.max_distance / exact) * (buckets - exact)
+        large = ops.minimum(exact + ops.cast(scaled, "int32"), buckets - 1)
+        return offset + ops.where(n < exact, n, large)
+
+    def call(self, inputs, positions=None, key_length=None):
+        q, k = inputs
+        if positions is None:
+            positions = ops.expand_dims(ops.arange(ops.shape(q)[1]), 0)
+        key_length = ops.shape(k)[1] if key_length is None else key_length
+        distance = ops.arange(key_length)[None, None, :] - positions[:, :, None]
+        bias = ops.take(ops.cast(self.embeddings, self.compute_dtype), self.bucket(distance), 0)
+        return ops.transpose(bias, (0, 3, 1, 2))
+
+    def compute_output_shape(self, input_shape):
+        return (1, self.heads, input_shape[0][1], input_shape[1][1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            heads=self.heads, num_buckets=self.num_buckets, max_distance=self.max_distance,
+            bidirectional=self.bidirectional,
+            embeddings_initializer=keras.initializers.serialize(self.embeddings_initializer),
+        )
+        return config
+
+
+@register
+class SequenceMask(keras.layers.Layer):
+    """Zero the vectors at padded positions: inputs [vectors, token ids]. A T5 encoder's output
+    goes through it so a decoder given only the context can still tell its padding."""
+
+    def __init__(self, pad_id=0, **kwargs):
+        super().__init__(**kwargs)
+        self.pad_id = pad_id
+
+    def call(self, inputs):
+        x, token_ids = inputs
+        return K.sequence_masking(x, ops.not_equal(token_ids, self.pad_id))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(pad_id=self.pad_id)
+        return config
+
+
 # ---------------------------------------------------------------------------------------------------
 # Normalization
 # ---------------------------------------------------------------------------------------------------
@@ -280,10 +361,11 @@ class AttentionBias(keras.layers.Layer):
     """Additive attention bias built from the inputs: padding keys (token id == pad_id) are hidden,
     and 'causal' (language model) or 'unilm' (seq2seq from segment ids) masks are added on top.
 
-    Inputs: token ids, or [token ids, segment ids] for 'unilm'.
+    Inputs: token ids, or [token ids, segment ids] for 'unilm'. Mode 'context' takes vectors
+    [batch, length, dim] instead and hides the all-zero ones (a T5 encoder's padded positions).
     """
 
-    MODES = ("padding", "causal", "unilm")
+    MODES = ("padding", "causal", "unilm", "context")
 
     def __init__(self, mode="padding", pad_id=0, **kwargs):
         super().__init__(**kwargs)
@@ -293,6 +375,9 @@ class AttentionBias(keras.layers.Layer):
         self.pad_id = pad_id
 
     def call(self, inputs):
+        if self.mode == "context":
+            keep = ops.cast(ops.any(ops.not_equal(inputs, 0), axis=-1), self.compute_dtype)
+            return ops.expand_dims(ops.expand_dims((1.0 - keep) * K.MASK_BIAS, 1), 1)
         token_ids = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
         bias = ops.zeros((1, 1, 1, 1), self.compute_dtype)
         if self.pad_id is not None:  # GPT-2 has no padding token
@@ -305,7 +390,7 @@ class AttentionBias(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         shape = input_shape[0] if isinstance(input_shape[0], (list, tuple)) else input_shape
-        query_len = 1 if self.mode == "padding" else shape[1]
+        query_len = 1 if self.mode in ("padding", "context") else shape[1]
         return (shape[0], 1, query_len, shape[1])
 
     def get_config(self):
@@ -371,7 +456,8 @@ class MultiHeadAttention(keras.layers.Layer):
         return ops.reshape(x, (batch, length, self.heads, size))
 
     def call(self, inputs, bias=None, cache=None, training=None, rotary_embeddings=None,
-             relative_embeddings=None, residual_scores=None, return_scores=False):
+             relative_embeddings=None, position_bias=None, residual_scores=None,
+             return_scores=False):
         """`cache` (cached decoding, see bert4k.decoding) stores this call's keys and values into
         its buffer and returns the whole buffer's, so earlier positions are not recomputed.
 
@@ -380,6 +466,8 @@ class MultiHeadAttention(keras.layers.Layer):
           rotary positions rotate the queries and keys (before caching, at their own positions);
         - `relative_embeddings` [q_len, k_len, key_size]: NEZHA's relative positions (Shaw et
           al.) add q . r_qk to the logits and sum_k p_qk r_qk to the values.
+        - `position_bias` [1 or batch, heads, q_len, k_len]: T5's bucketed relative positions,
+          added to the logits.
         `residual_scores` (RealFormer) are the previous layer's logits, added to this layer's;
         `return_scores=True` returns (output, logits), the logits before `bias`, for the next.
         """
@@ -398,6 +486,8 @@ class MultiHeadAttention(keras.layers.Layer):
             scores = scores + ops.einsum("bqnd,qkd->bnqk", qw, relative)
         if self.attention_scale:
             scores = scores * (self.key_size**-0.5)
+        if position_bias is not None:
+            scores = scores + ops.cast(position_bias, scores.dtype)
         if residual_scores is not None:
             scores = scores + ops.cast(residual_scores, scores.dtype)
         logits = scores
@@ -547,4 +637,383 @@ class Activation(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(activation=self.activation_name)
+        return config
+
+
+# ---- Task heads: CRF, GlobalPointer, Loss ----
+import weakref  # noqa: E402  (here with the section that uses it: the lead owns the file's top)
+
+# A Keras loss or metric sees only (y_true, y_pred), so these heads write padding into their outputs
+# as a score far below any real one, and their losses and metrics recognise padding by it.
+PADDING_SCORE = -1e12
+_PADDING_THRESHOLD = -1e6  # scores below this were written as padding
+
+
+def _split_mask(inputs, mask):
+    """Task heads take `x` or `[x, padding_mask]` (1 = token); an explicit mask wins over Keras's."""
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) == 2:
+            return inputs[0], inputs[1]
+        inputs = inputs[0]
+    if isinstance(mask, (list, tuple)):
+        mask = mask[0]
+    return inputs, mask
+
+
+def _first_shape(input_shape):
+    """The shape of `x`, whether the layer was built on `x` or on `[x, padding_mask]`."""
+    if input_shape and isinstance(input_shape[0], (list, tuple)):
+        return tuple(input_shape[0])
+    return tuple(input_shape)
+
+
+def _unpadded(y_pred):
+    """[batch, length] bool: False where a CRF wrote PADDING_SCORE."""
+    return ops.all(ops.greater(ops.cast(y_pred, "float32"), _PADDING_THRESHOLD), axis=-1)
+
+
+def _label_ids(y_true, y_pred):
+    # Keras may hand sparse labels over as [batch, length, 1], and as floats.
+    return ops.cast(ops.reshape(y_true, ops.shape(y_pred)[:-1]), "int32")
+
+
+@register
+def sparse_accuracy(y_true, y_pred):
+    """CRF training metric: accuracy of each unpadded token's best emission (cheap; decode with
+    Viterbi for real predictions). y_true holds label ids."""
+    keep = ops.cast(_unpadded(y_pred), "float32")
+    predicted = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+    correct = ops.cast(ops.equal(predicted, _label_ids(y_true, y_pred)), "float32")
+    return ops.sum(correct * keep) / ops.maximum(ops.sum(keep), 1.0)
+
+
+@register
+def dense_accuracy(y_true, y_pred):
+    """`sparse_accuracy` for one-hot y_true."""
+    return sparse_accuracy(ops.argmax(y_true, axis=-1), y_pred)
+
+
+@register
+class ConditionalRandomField(keras.layers.Layer):
+    """Linear-chain CRF: a learned transition matrix `trans[i, j]` (label i followed by label j),
+    with the loss and metrics that use it. The layer passes the emission scores through (in float32),
+    except that padded positions become PADDING_SCORE. Padding comes from a Keras mask or an
+    explicit second input `[scores, mask]`, and must be on one side of a sequence (right or left).
+
+        crf = ConditionalRandomField(lr_multiplier=100)
+        output = crf(keras.layers.Dense(num_labels)(hidden))
+        model.compile(optimizer, loss=crf.sparse_loss, metrics=[crf.sparse_accuracy])
+        ViterbiDecoder(keras.ops.convert_to_numpy(crf.trans)).decode(scores[:length])
+
+    `lr_multiplier` multiplies the transitions' learning rate: the variable holds trans / m and the
+    layer uses m * variable, so an (Adam-like) step on the variable moves `trans` m times as far.
+    """
+
+    def __init__(self, lr_multiplier=1, **kwargs):
+        super().__init__(**kwargs)
+        self.lr_multiplier = lr_multiplier
+
+    def build(self, input_shape):
+        num_labels = _first_shape(input_shape)[-1]
+        self._trans = self.add_weight(
+            name="trans", shape=(num_labels, num_labels), initializer="glorot_uniform"
+        )
+        if self.lr_multiplier != 1:
+            self._trans.assign(self._trans / self.lr_multiplier)
+
+    @property
+    def trans(self):
+        """The transition scores in use, [num_labels, num_labels]."""
+        if self.lr_multiplier != 1:
+            return self._trans * self.lr_multiplier
+        return self._trans
+
+    def call(self, inputs, mask=None):
+        scores, mask = _split_mask(inputs, mask)
+        scores = ops.cast(scores, "float32")  # PADDING_SCORE and the loss need float32's range
+        if mask is None:
+            return scores
+        return ops.where(ops.expand_dims(ops.cast(mask, "bool"), -1), scores, PADDING_SCORE)
+
+    def compute_mask(self, inputs, mask=None):
+        return None  # the padding now lives in the scores
+
+    def compute_output_shape(self, input_shape):
+        return _first_shape(input_shape)
+
+    # Loss objects rather than bound methods, so that a model compiled with them saves and loads.
+    @property
+    def sparse_loss(self):
+        """Keras loss: the gold path's negative log-likelihood; y_true: label ids [batch, length]."""
+        return CRFLoss(self)
+
+    @property
+    def dense_loss(self):
+        """Keras loss: as `sparse_loss`, y_true one-hot [batch, length, num_labels]."""
+        return CRFLoss(self, one_hot=True)
+
+    sparse_accuracy = staticmethod(sparse_accuracy)
+    dense_accuracy = staticmethod(dense_accuracy)
+
+    def negative_log_likelihood(self, y_true, y_pred, one_hot=False):
+        """Per-sequence loss [batch]: log Z minus the gold path's score (0 for all-padding rows)."""
+        y_pred = ops.cast(y_pred, "float32")
+        if not one_hot:
+            y_true = ops.one_hot(_label_ids(y_true, y_pred), y_pred.shape[-1])
+        keep = _unpadded(y_pred)
+        y_pred = ops.where(ops.expand_dims(keep, -1), y_pred, 0.0)
+        y_true = ops.cast(y_true, "float32") * ops.cast(ops.expand_dims(keep, -1), "float32")
+        return self._log_partition(y_pred, keep) - self._path_score(y_true, y_pred)
+
+    def _path_score(self, y_true, y_pred):
+        """Emission plus transition scores of the one-hot path y_true; its zeroed padding drops the
+        transitions into and out of padding."""
+        emissions = ops.sum(y_true * y_pred, axis=(1, 2))
+        trans = ops.cast(self.trans, "float32")
+        transitions = ops.einsum("bti,ij,btj->b", y_true[:, :-1], trans, y_true[:, 1:])
+        return emissions + transitions
+
+    def _log_partition(self, y_pred, keep):
+        """log Z by the forward algorithm in log space, scanned over time so that a dynamic length
+        works on every backend. alpha[b, j] is the log-sum over paths so far ending in label j; a
+        padded step leaves alpha as it is and the first token starts it: either side may be padded.
+        """
+        trans = ops.expand_dims(ops.cast(self.trans, "float32"), 0)
+
+        def step(carry, inputs):
+            alpha, started = carry
+            emission, is_token = inputs
+            extended = ops.logsumexp(ops.expand_dims(alpha, -1) + trans, axis=1) + emission
+            updated = ops.where(ops.expand_dims(started, -1), extended, emission)
+            alpha = ops.where(ops.expand_dims(is_token, -1), updated, alpha)
+            return (alpha, ops.logical_or(started, is_token)), None
+
+        time_major = (ops.transpose(y_pred, (1, 0, 2)), ops.transpose(keep, (1, 0)))
+        initial = (ops.zeros_like(y_pred[:, 0]), ops.zeros_like(keep[:, 0]))
+        (alpha, started), _ = ops.scan(step, initial, time_major)
+        return ops.where(started, ops.logsumexp(alpha, axis=-1), 0.0)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(lr_multiplier=self.lr_multiplier)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        layer = super().from_config(config)
+        _LOADED_CRFS[layer.name] = layer
+        return layer
+
+
+# CRF layers by name, as `from_config` last made them. Keras loads a model's layers before its
+# compile config, so a CRFLoss being loaded finds its model's layer here. (Keras's shared-object
+# mechanism does not reach layers inside a functional model's config.)
+_LOADED_CRFS = weakref.WeakValueDictionary()
+
+
+class _LayerHandle:
+    """Holds a layer where Keras's save/load walker does not look: it follows attributes, and the
+    CRF's loss properties would lead it from the layer to a new loss and back, without end."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+
+@register
+class CRFLoss(keras.losses.Loss):
+    """`ConditionalRandomField.sparse_loss` / `.dense_loss`. Calling the object averages over the
+    batch; `crf.negative_log_likelihood` gives the per-sequence values."""
+
+    def __init__(self, crf, one_hot=False, name=None, **kwargs):
+        super().__init__(name=name or ("dense_loss" if one_hot else "sparse_loss"), **kwargs)
+        self._crf = _LayerHandle(crf)
+        self.one_hot = one_hot
+
+    def call(self, y_true, y_pred):
+        return self._crf.layer.negative_log_likelihood(y_true, y_pred, one_hot=self.one_hot)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(crf=self._crf.layer.name, one_hot=self.one_hot)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        name = config.pop("crf")
+        if name not in _LOADED_CRFS:
+            raise ValueError(
+                f"A CRF loss for layer {name!r} loads only with its model "
+                "(keras.models.load_model); elsewhere, compile with the layer's sparse_loss again."
+            )
+        return cls(_LOADED_CRFS[name], **config)
+
+
+@register
+class GlobalPointer(keras.layers.Layer):
+    """Scores for every (start, end) span: [batch, heads, length, length], one head per entity type
+    (Su Jianlin's GlobalPointer, https://kexue.fm/archives/8373).
+
+    Each head projects tokens to a query and a key of `head_size`, rotates both by RoPE (so a score
+    knows the span's length) and takes their scaled dot product. Spans touching padding, and with
+    `tril_mask` spans with start > end, score PADDING_SCORE. Padding comes from a Keras mask or a
+    second input `[hidden, mask]`. Train with `K.multilabel_categorical_crossentropy` on the scores
+    flattened per head; predict the spans scoring > 0. Scores are float32 even under mixed
+    precision: PADDING_SCORE and the loss need float32's range.
+    """
+
+    def __init__(
+        self,
+        heads,
+        head_size,
+        RoPE=True,
+        use_bias=True,
+        tril_mask=True,
+        kernel_initializer="lecun_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.heads = heads
+        self.head_size = head_size
+        self.RoPE = RoPE
+        self.use_bias = use_bias
+        self.tril_mask = tril_mask
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self._create_projections()
+
+    def _dense(self, units, name):
+        return keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def _create_projections(self):
+        # Per head, head_size query units then head_size key units: bert4keras's layout.
+        self.dense = self._dense(self.heads * self.head_size * 2, "dense")
+
+    def build(self, input_shape):
+        self.dense.build(_first_shape(input_shape))
+
+    def call(self, inputs, mask=None):
+        hidden, mask = _split_mask(inputs, mask)
+        projected = self.dense(hidden)
+        projected = ops.reshape(
+            projected, (*ops.shape(projected)[:-1], self.heads, 2 * self.head_size)
+        )
+        query, key = projected[..., : self.head_size], projected[..., self.head_size :]
+        if self.RoPE:
+            query, key = self._rotate(query), self._rotate(key)
+        logits = ops.einsum("bmhd,bnhd->bhmn", query, key) / self.head_size**0.5
+        return self._mask_spans(logits, mask)
+
+    def _rotate(self, x):
+        """RoPE on x [batch, length, (heads,) head_size] by token position."""
+        positions = ops.arange(ops.shape(x)[1])
+        sinusoidal = ops.cast(K.sinusoidal_embeddings(positions, self.head_size), x.dtype)
+        if len(x.shape) == 4:
+            sinusoidal = ops.expand_dims(sinusoidal, 1)  # the same rotation for every head
+        return K.apply_rotary(x, sinusoidal)
+
+    def _mask_spans(self, logits, mask):
+        logits = ops.cast(logits, "float32")
+        if mask is not None:
+            token = ops.cast(mask, "bool")
+            both_tokens = ops.logical_and(token[:, None, :, None], token[:, None, None, :])
+            logits = ops.where(both_tokens, logits, PADDING_SCORE)
+        if self.tril_mask:
+            positions = ops.arange(ops.shape(logits)[-1])
+            start_not_after_end = ops.expand_dims(positions, 1) <= ops.expand_dims(positions, 0)
+            logits = ops.where(start_not_after_end, logits, PADDING_SCORE)
+        return logits
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        shape = _first_shape(input_shape)
+        return (shape[0], self.heads, shape[1], shape[1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            heads=self.heads,
+            head_size=self.head_size,
+            RoPE=self.RoPE,
+            use_bias=self.use_bias,
+            tril_mask=self.tril_mask,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@register
+class EfficientGlobalPointer(GlobalPointer):
+    """GlobalPointer whose heads share one query/key projection and add a per-head score for the
+    span's start and for its end token (https://kexue.fm/archives/8877): far fewer parameters."""
+
+    def _create_projections(self):
+        # bert4keras's layout: shared query/key interleaved (even units query, odd units key), and
+        # per head an end-token unit (even) and a start-token unit (odd).
+        self.p_dense = self._dense(self.head_size * 2, "p_dense")
+        self.q_dense = self._dense(self.heads * 2, "q_dense")
+
+    def build(self, input_shape):
+        hidden_shape = _first_shape(input_shape)
+        self.p_dense.build(hidden_shape)
+        self.q_dense.build(hidden_shape[:-1] + (self.head_size * 2,))
+
+    def call(self, inputs, mask=None):
+        hidden, mask = _split_mask(inputs, mask)
+        projected = self.p_dense(hidden)
+        query, key = projected[..., ::2], projected[..., 1::2]
+        if self.RoPE:
+            query, key = self._rotate(query), self._rotate(key)
+        shared = ops.einsum("bmd,bnd->bmn", query, key) / self.head_size**0.5
+        token_bias = ops.transpose(self.q_dense(projected), (0, 2, 1)) / 2  # [batch, 2 heads, len]
+        end_bias = ops.expand_dims(token_bias[:, ::2], 2)
+        start_bias = ops.expand_dims(token_bias[:, 1::2], 3)
+        return self._mask_spans(ops.expand_dims(shared, 1) + end_bias + start_bias, mask)
+
+
+@register
+class Loss(keras.layers.Layer):
+    """A layer that adds a loss computed from its inputs (bert4keras's `Loss`), for losses that need
+    more than (y_true, y_pred): subclass it, write `compute_loss(inputs, mask=None)`, and compile
+    the model without a loss. Keras 3 collects `add_loss` from `call` in `fit`, `evaluate` and
+    `train_on_batch` on every backend. The layer returns its inputs, or `inputs[output_axis]` (an
+    index or a list of indices).
+    """
+
+    def __init__(self, output_axis=None, **kwargs):
+        super().__init__(**kwargs)
+        self.output_axis = output_axis
+
+    def call(self, inputs, mask=None):
+        self.add_loss(self.compute_loss(inputs, mask))
+        return self._select(inputs)
+
+    def compute_loss(self, inputs, mask=None):
+        raise NotImplementedError(f"{type(self).__name__} must define compute_loss(inputs, mask).")
+
+    def _select(self, items):
+        if self.output_axis is None:
+            return items
+        if isinstance(self.output_axis, (list, tuple)):
+            return [items[i] for i in self.output_axis]
+        return items[self.output_axis]
+
+    def compute_output_shape(self, input_shape):
+        return self._select(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        if mask is None:
+            return None
+        return self._select(mask)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_axis=self.output_axis)
         return config

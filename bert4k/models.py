@@ -132,13 +132,22 @@ class Transformer:
         inputs = self.get_inputs()
         condition_inputs = self.set_layer_norm_condition()
         self.attention_bias = self.compute_attention_bias(inputs)
+        outputs = self.forward(inputs)
+        self.model = keras.Model(inputs + condition_inputs, outputs, name=self.name)
+        return self.model
+
+    def forward(self, inputs):
+        """Embeddings, blocks and final layers: on symbolic inputs when building, on real tensors
+        during a cached decoding step (bert4k.decoding)."""
         x = self.apply_embeddings(inputs)
         self.position_bias = self.compute_position_bias(x)
         for index in range(self.num_hidden_layers):
             x = self.apply_main_layers(x, index)
-        outputs = self.apply_final_layers(x)
-        self.model = keras.Model(inputs + condition_inputs, outputs, name=self.name)
-        return self.model
+        return self.apply_final_layers(x)
+
+    def decoding_inputs(self, step_inputs):
+        """This model's inputs from a cached decoding step's tensors (bert4k.decoding)."""
+        return [step_inputs["token_ids"], step_inputs["segment_ids"]]
 
     def apply(self, inputs=None, layer=None, arguments=None, **kwargs):
         """Call the layer registered under kwargs['name'] (prefixed), creating it on first use.
@@ -269,8 +278,18 @@ class Transformer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
+    @property
+    def weights(self):
+        """The weights of the builder's own layers: those a checkpoint holds (a user's layers in
+        the model, e.g. a condition's embedding for layer_norm_cond, are not read or written)."""
+        seen = {}
+        for layer in self.layers.values():
+            for weight in layer.weights:
+                seen.setdefault(id(weight), weight)
+        return list(seen.values())
+
     def load_weights_from_checkpoint(self, checkpoint_path):
-        checkpoints.load_weights(self.model, checkpoint_path, self.family, prefix=self.prefix,
+        checkpoints.load_weights(self, checkpoint_path, self.family, prefix=self.prefix,
                                  ignore_invalid_weights=self.ignore_invalid_weights,
                                  adapt=self.checkpoint_adaptations())
 
@@ -549,7 +568,179 @@ class GPT2(Transformer):
         return self.apply(x, L.Activation, activation=activation, name="LM-Activation")
 
 
-MODELS = {"bert": BERT, "gpt2": GPT2}
+class T5Base(Transformer):
+    """What T5's encoder and decoder share: pre-norm blocks with RMS norm, no biases, unscaled
+    attention with bucketed relative position biases, and versions 1.0 (ReLU FFN, output tied to
+    the scaled embeddings) and 1.1 / mT5 1.1 (gated-GELU FFN, separate output layer)."""
+
+    family = "t5"
+    pre_norm = True
+    default_version = "t5.1.0"
+    stack = None  # "Encoder" or "Decoder": the prefix of the stack's layer names
+
+    def __init__(self, version=None, hidden_act=None, layer_norm_epsilon=1e-6, segment_vocab_size=0,
+                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                 num_decoder_layers=None, with_lm=True, **kwargs):
+        self.arguments = dict(kwargs, version=version, hidden_act=hidden_act,
+                              layer_norm_epsilon=layer_norm_epsilon,
+                              relative_attention_num_buckets=relative_attention_num_buckets,
+                              relative_attention_max_distance=relative_attention_max_distance,
+                              num_decoder_layers=num_decoder_layers, with_lm=with_lm)
+        self.version = self.arguments["version"] = version or self.default_version
+        if self.version not in ("t5.1.0", "t5.1.1", "mt5.1.1"):
+            raise ValueError(f"Unknown T5 version {version!r}; expected t5.1.0, t5.1.1 or mt5.1.1.")
+        if self.stack == "Decoder" and num_decoder_layers:
+            kwargs["num_hidden_layers"] = num_decoder_layers
+        if hidden_act is None:
+            hidden_act = "relu" if self.version == "t5.1.0" else ["gelu_new", "linear"]
+        kwargs.setdefault("intermediate_size", 4 * kwargs.get("hidden_size", 0))
+        super().__init__(hidden_act=hidden_act, layer_norm_epsilon=layer_norm_epsilon,
+                         segment_vocab_size=segment_vocab_size, **kwargs)
+        self.family = "t5" if self.version == "t5.1.0" else "t5.1.1"
+        self.num_buckets = relative_attention_num_buckets
+        self.max_distance = relative_attention_max_distance
+        self.with_lm = with_lm
+
+    def block_name(self, index):
+        return f"{self.stack}-Transformer-{index}"
+
+    def norm_settings(self):
+        return dict(rms=True)
+
+    def attention_settings(self):
+        return dict(super().attention_settings(), use_bias=False, attention_scale=False)
+
+    def feed_forward_settings(self):
+        return dict(super().feed_forward_settings(), use_bias=False)
+
+    def attention_arguments(self, index):
+        return dict(super().attention_arguments(index), position_bias=self.position_bias)
+
+    def compute_position_bias(self, x):
+        return self.apply([x, x], L.RelativePositionBias, heads=self.num_attention_heads,
+                          num_buckets=self.num_buckets, max_distance=self.max_distance,
+                          bidirectional=self.stack == "Encoder",
+                          embeddings_initializer=self.initializer,
+                          name=f"{self.stack}-Embedding-Relative-Position")
+
+    def embed_tokens(self, token_ids):
+        x = self.apply(token_ids, L.Embedding, input_dim=self.vocab_size,
+                       output_dim=self.hidden_size, embeddings_initializer=self.initializer,
+                       name="Embedding-Token")
+        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
+                          name=f"{self.stack}-Embedding-Dropout")
+
+    def apply_output_norm(self, x):
+        x = self.apply_norm(x, f"{self.stack}-Output-Norm")
+        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
+                          name=f"{self.stack}-Output-Dropout")
+
+
+class T5Encoder(T5Base):
+    """T5's encoder: Encoder-Input-Token -> the context, zero at padded positions."""
+
+    stack = "Encoder"
+
+    def get_inputs(self):
+        return [keras.Input((self.sequence_length,), dtype="int32",
+                            name=self.prefix + "Encoder-Input-Token")]
+
+    def compute_attention_bias(self, inputs):
+        self.token_ids = inputs[0]
+        return self.apply(inputs[0], L.AttentionBias, mode="padding", pad_id=self.pad_token_id,
+                          name="Encoder-Attention-Mask")
+
+    def apply_embeddings(self, inputs):
+        return self.embed_tokens(inputs[0])
+
+    def apply_final_layers(self, x):
+        x = self.apply_output_norm(x)
+        return self.apply([x, self.token_ids], L.SequenceMask, pad_id=self.pad_token_id,
+                          name="Encoder-Output-Mask")
+
+
+class T5Decoder(T5Base):
+    """T5's decoder: [Input-Context, Decoder-Input-Token] -> next-token probabilities. Causal
+    self-attention (no padding mask: T5 starts decoding from the pad id), cross-attention to the
+    context's non-zero positions."""
+
+    stack = "Decoder"
+    default_application = "lm"
+
+    def get_inputs(self):
+        context = keras.Input((self.sequence_length, self.hidden_size),
+                              name=self.prefix + "Input-Context")
+        tokens = keras.Input((self.sequence_length,), dtype="int32",
+                             name=self.prefix + "Decoder-Input-Token")
+        return [context, tokens]
+
+    def compute_attention_bias(self, inputs):
+        self.context_bias = self.apply(inputs[0], L.AttentionBias, mode="context",
+                                       name="Decoder-Context-Mask")
+        return self.apply(inputs[1], L.AttentionBias, mode="causal", pad_id=None,
+                          name="Decoder-Attention-Mask")
+
+    def apply_embeddings(self, inputs):
+        self.context = inputs[0]
+        return self.embed_tokens(inputs[1])
+
+    def apply_main_layers(self, x, index):
+        block = self.block_name(index)
+        x = self.apply_residual(
+            x, L.MultiHeadAttention, f"{block}-MultiHeadSelfAttention",
+            sublayer_inputs=lambda h: [h, h, h], arguments=self.attention_arguments(index),
+            **self.attention_settings(),
+        )
+        x = self.apply_residual(
+            x, L.MultiHeadAttention, f"{block}-MultiHeadCrossAttention",
+            sublayer_inputs=lambda h: [h, self.context, self.context],
+            arguments={"bias": self.context_bias}, **self.attention_settings(),
+        )
+        return self.apply_residual(x, L.FeedForward, f"{block}-FeedForward",
+                                   **self.feed_forward_settings())
+
+    def apply_final_layers(self, x):
+        x = self.apply_output_norm(x)
+        if not self.with_lm:
+            return x
+        if self.version == "t5.1.0":  # tied output, scaled as Mesh TensorFlow does
+            x = self.apply(x, keras.layers.Rescaling, scale=self.hidden_size**-0.5,
+                           name="Decoder-Output-Scale")
+            x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
+        else:
+            x = self.apply(x, keras.layers.Dense, units=self.vocab_size, use_bias=False,
+                           kernel_initializer=self.initializer, name="Decoder-Output-LM")
+        activation = "softmax" if self.with_lm is True else self.with_lm
+        return self.apply(x, L.Activation, activation=activation,
+                          name="Decoder-Output-LM-Activation")
+
+    def decoding_inputs(self, step_inputs):
+        return [step_inputs["context"], step_inputs["token_ids"]]
+
+
+class T5(T5Base):
+    """The whole T5: [Encoder-Input-Token, Decoder-Input-Token] -> next-token probabilities.
+    `.encoder` and `.decoder` are its two halves as Keras models (same layers, same weights),
+    for encoding once and decoding step by step."""
+
+    def build(self):
+        self.encoder_builder = T5Encoder(**self.arguments)
+        self.decoder_builder = T5Decoder(**self.arguments)
+        self.encoder_builder.layers = self.decoder_builder.layers = self.layers  # one registry
+        self.encoder = self.encoder_builder.build()
+        self.decoder = self.decoder_builder.build()
+        tokens = self.encoder.inputs + self.decoder.inputs[1:]
+        outputs = self.decoder([self.encoder.outputs[0], self.decoder.inputs[1]])
+        self.model = keras.Model(tokens, outputs, name=self.name)
+        return self.model
+
+
+class T5_1_1(T5):
+    default_version = "t5.1.1"
+
+
+MODELS = {"bert": BERT, "gpt2": GPT2, "t5": T5, "t5.1.0": T5, "t5.1.1": T5_1_1,
+          "mt5.1.1": T5_1_1, "t5_encoder": T5Encoder, "t5_decoder": T5Decoder}
 MODELS.update({
     "roberta": RoBERTa, "albert": ALBERT, "albert_unshared": ALBERT_Unshared, "nezha": NEZHA,
     "roformer": RoFormer, "roformer_v2": RoFormerV2, "electra": ELECTRA,

@@ -577,8 +577,7 @@ def extend_with_gradient_accumulation(BaseOptimizer, name=None):
         def _masked_increment(self, value):
             if self._apply_this_call is None:
                 return value
-            value = ops.convert_to_tensor(value)
-            return ops.where(self._apply_this_call, value, ops.zeros_like(value))
+            return ops.where(self._apply_this_call, value, 0.0)
 
         def get_config(self):
             return {**super().get_config(), "grad_accum_steps": self.grad_accum_steps}
