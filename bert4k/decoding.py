@@ -85,8 +85,11 @@ class DecodingState:
             cache = LayerCache(self, *self.buffers[len(self.layer_caches)])
             self.layer_caches.append(cache)
             return dict(arguments or {}, cache=cache)
-        if isinstance(layer, L.PositionEmbedding):
+        if isinstance(layer, (L.PositionEmbedding, L.SinusoidalPositionEmbedding)):
             return dict(arguments or {}, positions=self.positions)
+        if isinstance(layer, L.RelativePositionBias):
+            return dict(arguments or {}, positions=self.positions,
+                        key_length=ops.shape(self.valid)[1])
         return arguments
 
     def outputs(self):
@@ -112,20 +115,26 @@ class CachedStep(keras.Model):
 
     def call(self, inputs):
         t = self.transformer
+        model_inputs = t.decoding_inputs(inputs)
         state = DecodingState(inputs, t.num_hidden_layers)
-        saved_bias, t.attention_bias = t.attention_bias, state.attention_bias(t.attention_mode())
+        t.compute_attention_bias(model_inputs)  # for its side effects (T5's context bias)
+        t.attention_bias = state.attention_bias(t.attention_mode())
         t.decoding = state
         try:
-            x = t.apply_embeddings([inputs["token_ids"], inputs["segment_ids"]])
-            for index in range(t.num_hidden_layers):
-                x = t.apply_main_layers(x, index)
-            output = t.apply_final_layers(x)
+            output = t.forward(model_inputs)
         finally:
-            t.decoding, t.attention_bias = None, saved_bias
+            t.decoding = None
         output = output[-1] if isinstance(output, (list, tuple)) else output
         last = ops.expand_dims(ops.expand_dims(inputs["last"], 1), 2)
         probas = ops.squeeze(ops.take_along_axis(output, last, axis=1), 1)
         return dict(state.outputs(), probas=probas)
+
+
+def _right_padded(sequences):
+    array = np.zeros((len(sequences), max(map(len, sequences))), "int32")
+    for row, sequence in enumerate(sequences):
+        array[row, : len(sequence)] = sequence
+    return array
 
 
 class KVCache:
@@ -133,14 +142,17 @@ class KVCache:
     search. `start` runs the prompts, `step` one new token per row."""
 
     def __init__(self, transformer, max_length):
-        self.transformer = transformer
+        # An encoder-decoder (T5) encodes once; its decoder steps with the context as an input.
+        self.encoder = getattr(transformer, "encoder", None)
+        self.transformer = getattr(transformer, "decoder_builder", transformer)
         self.max_length = max_length
-        self.step_model = CachedStep(transformer)
+        self.step_model = CachedStep(self.transformer)
         self.buffers = None
         self.lengths = None
 
-    def start(self, token_ids, segment_ids=None):
-        """Run ragged prompts (lists of ids); returns each row's next-token distribution."""
+    def start(self, token_ids, segment_ids=None, encoder_token_ids=None):
+        """Run ragged prompts (lists of ids); returns each row's next-token distribution. An
+        encoder-decoder also takes each row's encoder input."""
         batch = len(token_ids)
         self.lengths = np.array([len(ids) for ids in token_ids])
         if self.lengths.max() + 1 > self.max_length:
@@ -158,6 +170,9 @@ class KVCache:
                 segments[row, : len(sequence)] = segment_ids[row]
             mask[row, : len(sequence)] = 1
         self.buffers = self._empty_buffers(batch)
+        if self.encoder is not None:
+            self.buffers["context"] = self.encoder.predict_on_batch(
+                _right_padded(encoder_token_ids))
         positions = np.tile(np.arange(width, dtype="int32"), (batch, 1))
         return self._run(ids, segments, mask, positions, self.lengths - 1)
 
@@ -184,7 +199,10 @@ class KVCache:
         inputs = dict(self.buffers, token_ids=ids, segment_ids=segments, token_mask=mask,
                       positions=positions, last=np.asarray(last, "int32"))
         outputs = self.step_model.predict_on_batch(inputs)
+        context = self.buffers.get("context")
         self.buffers = {k: np.asarray(v) for k, v in outputs.items() if k != "probas"}
+        if context is not None:
+            self.buffers["context"] = context
         return np.asarray(outputs["probas"])
 
     def _empty_buffers(self, batch):
@@ -286,6 +304,11 @@ class AutoRegressiveDecoder:
         return np.log(probas + 1e-12), states
 
     def _start_cache(self, examples, rows, output_ids):
+        if hasattr(self.transformer, "decoder_builder"):  # encoder-decoder: prompts are outputs
+            cache = KVCache(self.transformer, self.cache_size or output_ids.shape[1] + self.maxlen)
+            cache.first_probas = cache.start([list(p) for p in output_ids], None,
+                                             [examples[row][0] for row in rows])
+            return cache
         prompts, segments = [], []
         for row, prefix in zip(rows, output_ids):
             sequences = examples[row]
@@ -299,7 +322,7 @@ class AutoRegressiveDecoder:
         return cache
 
     def _new_segment_id(self):
-        return 1 if self.transformer.application == "unilm" else 0
+        return 1 if getattr(self.transformer, "application", None) == "unilm" else 0
 
     def _select(self, states, rows):
         if isinstance(states, KVCache):

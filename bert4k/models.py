@@ -729,9 +729,14 @@ class T5(T5Base):
         self.encoder_builder.layers = self.decoder_builder.layers = self.layers  # one registry
         self.encoder = self.encoder_builder.build()
         self.decoder = self.decoder_builder.build()
-        tokens = self.encoder.inputs + self.decoder.inputs[1:]
-        outputs = self.decoder([self.encoder.outputs[0], self.decoder.inputs[1]])
-        self.model = keras.Model(tokens, outputs, name=self.name)
+        # The whole model applies the decoder's layers again, to the encoder's output: one flat
+        # graph (a nested decoder model would not reload its shared layers' wiring).
+        inputs = [self.encoder.inputs[0], self.decoder.inputs[1]]
+        decoder_inputs = [self.encoder.outputs[0], inputs[1]]
+        self.decoder_builder.attention_bias = self.decoder_builder.compute_attention_bias(
+            decoder_inputs)
+        self.model = keras.Model(inputs, self.decoder_builder.forward(decoder_inputs),
+                                 name=self.name)
         return self.model
 
 

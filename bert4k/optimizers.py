@@ -6,7 +6,8 @@ behaviour, and they compose in any order::
     AdamW = extend_with_weight_decay(Adam, name="AdamW")
     AdamWLR = extend_with_piecewise_linear_lr(AdamW, name="AdamWLR")
     optimizer = AdamWLR(learning_rate=1e-3, weight_decay_rate=0.01,
-                        exclude_from_weight_decay=["Norm", "bias"], lr_schedule={1000: 1, 2000: 0.1})
+                        exclude_from_weight_decay=["Norm", "bias"],
+                        lr_schedule={1000: 1, 2000: 0.1})
 
 bert4keras built them by patching Keras 2's ``K.update``; here they are ordinary subclasses that
 override the Keras 3 hooks (``build``, ``update_step``, ``_backend_apply_gradients``,
@@ -30,6 +31,7 @@ What comes from Keras and what is written here:
   and Google BERT's warmup-then-linear-decay schedule.
 """
 
+import collections
 import re
 
 import keras
@@ -58,34 +60,34 @@ __all__ = [
 ]
 
 
-def _register(cls, name=None):
-    """Register cls so that it (de)serializes by name, with no custom_objects."""
-    return keras.saving.register_keras_serializable(package="bert4k", name=name)(cls)
-
-
 # --------------------------------------------------------------------------------------------
 # Variable selection and schedules
 # --------------------------------------------------------------------------------------------
 
 
-def variable_path(variable):
+def _variable_path(variable):
     """The variable's path, e.g. ``Transformer-0-FeedForward-Norm/gamma``: the same string
     bert4keras matched against (Keras 2 variable names carried the layer name)."""
     return getattr(variable, "path", None) or variable.name
 
 
-def path_matches(variable, patterns):
+def _path_matches(variable, patterns):
     """True when any regular expression in ``patterns`` is found in the variable's path."""
-    path = variable_path(variable)
+    path = _variable_path(variable)
     return any(re.search(pattern, path) for pattern in patterns or ())
+
+
+def _flags_by_path(variables, patterns):
+    """One bool per variable: whether its path matches any of ``patterns``."""
+    return [_path_matches(variable, patterns) for variable in variables]
 
 
 def piecewise_linear(step, schedule):
     """bert4keras's piecewise-linear function of the step.
 
-    ``schedule`` maps steps to values, e.g. ``{1000: 1, 2000: 0.1}``: from 0 (value 0 unless step 0
-    is given) the value rises linearly to 1 at step 1000, falls linearly to 0.1 at step 2000 and stays
-    0.1 afterwards.
+    ``schedule`` maps steps to values, e.g. ``{1000: 1, 2000: 0.1}``: from 0 (value 0 unless
+    step 0 is given) the value rises linearly to 1 at step 1000, falls linearly to 0.1 at step
+    2000 and stays 0.1 afterwards.
     """
     if not schedule:
         raise ValueError("A piecewise linear schedule needs at least one {step: value} entry.")
@@ -122,7 +124,8 @@ class WarmupLinearDecay(LearningRateSchedule):
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
-        decayed = self.peak_learning_rate * (1.0 - ops.minimum(step, self.total_steps) / self.total_steps)
+        done = ops.minimum(step, self.total_steps) / self.total_steps
+        decayed = self.peak_learning_rate * (1.0 - done)
         warmup = self.peak_learning_rate * step / max(self.warmup_steps, 1)
         return ops.where(step < self.warmup_steps, warmup, decayed)
 
@@ -137,6 +140,20 @@ class WarmupLinearDecay(LearningRateSchedule):
 # --------------------------------------------------------------------------------------------
 # Base optimizers
 # --------------------------------------------------------------------------------------------
+
+
+def _dense_gradient(gradient, variable):
+    """A row-sparse gradient (TensorFlow's ``IndexedSlices``, e.g. an embedding's) as a dense
+    tensor, rows that share an index summed.
+
+    Keras 3.15 keeps such gradients sparse inside the update math, and its element-wise ops
+    (``ops.square``, ...) act on each slice before repeated rows are summed, so Adam's second
+    moment of a token that occurs twice in a batch gets ``a**2 + b**2`` instead of ``(a + b)**2``.
+    Non-linear updates need the summed rows; every optimizer here densifies first.
+    """
+    if not all(hasattr(gradient, name) for name in ("indices", "values", "dense_shape")):
+        return gradient
+    return ops.segment_sum(gradient.values, gradient.indices, num_segments=variable.shape[0])
 
 
 @keras.saving.register_keras_serializable(package="bert4k")
@@ -155,7 +172,7 @@ class Adam(keras.optimizers.Adam):
         self.bias_correction = bias_correction
 
     def update_step(self, gradient, variable, learning_rate):
-        gradient = dense_gradient(gradient, variable)
+        gradient = _dense_gradient(gradient, variable)
         if self.bias_correction:
             return super().update_step(gradient, variable, learning_rate)
         learning_rate = ops.cast(learning_rate, variable.dtype)
@@ -163,7 +180,8 @@ class Adam(keras.optimizers.Adam):
         index = self._get_variable_index(variable)
         m, v = self._momentums[index], self._velocities[index]
         self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v),
+                                        1 - self.beta_2))
         if self.amsgrad:
             v_hat = self._velocity_hats[index]
             self.assign(v_hat, ops.maximum(v_hat, v))
@@ -172,20 +190,6 @@ class Adam(keras.optimizers.Adam):
 
     def get_config(self):
         return {**super().get_config(), "bias_correction": self.bias_correction}
-
-
-def dense_gradient(gradient, variable):
-    """A row-sparse gradient (TensorFlow's ``IndexedSlices``, e.g. an embedding's) as a dense
-    tensor, rows that share an index summed.
-
-    Keras 3.15 keeps such gradients sparse inside the update math, and its element-wise ops
-    (``ops.square``, ...) act on each slice before repeated rows are summed, so Adam's second
-    moment of a token that occurs twice in a batch gets ``a**2 + b**2`` instead of ``(a + b)**2``.
-    Non-linear updates need the summed rows; every optimizer here densifies first.
-    """
-    if not all(hasattr(gradient, attribute) for attribute in ("indices", "values", "dense_shape")):
-        return gradient
-    return ops.segment_sum(gradient.values, gradient.indices, num_segments=variable.shape[0])
 
 
 def _root_mean_square(x):
@@ -207,12 +211,13 @@ class AdaFactor(keras.optimizers.Optimizer):
     without parameter scaling); ``beta2=None`` gives ``1 - t ** -0.8``.
     """
 
-    def __init__(self, learning_rate=1e-3, beta1=0.0, beta2=None, epsilon1=1e-30, epsilon2=1e-3,
-                 multiply_by_parameter_scale=True, clipping_threshold=1.0,
+    def __init__(self, learning_rate=1e-3, beta1=0.0, beta2=None, epsilon1=1e-30,
+                 epsilon2=1e-3, multiply_by_parameter_scale=True, clipping_threshold=1.0,
                  min_dim_size_to_factor=128, exclude_from_parameter_scale=None, **kwargs):
         # With a relative step the base class's learning-rate variable is a placeholder that
         # `_get_current_learning_rate` never reads.
-        super().__init__(learning_rate=1.0 if learning_rate is None else learning_rate, **kwargs)
+        placeholder = 1.0 if learning_rate is None else learning_rate
+        super().__init__(learning_rate=placeholder, **kwargs)
         self.relative_step = learning_rate is None
         self.beta1 = beta1
         self.beta2 = beta2
@@ -228,7 +233,8 @@ class AdaFactor(keras.optimizers.Optimizer):
         the largest and second-largest axes, or None when the variable is not factored."""
         if len(shape) < 2:
             return None
-        largest, second = sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))[-1:-3:-1]
+        by_size = sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))
+        largest, second = by_size[-1], by_size[-2]
         if shape[second] < self.min_dim_size_to_factor:
             return None
         return largest, second
@@ -249,12 +255,12 @@ class AdaFactor(keras.optimizers.Optimizer):
                 self.add_variable_from_reference(variable, "m") if self.beta1 > 0 else None)
             self._parameter_scaled.append(
                 self.multiply_by_parameter_scale
-                and not path_matches(variable, self.exclude_from_parameter_scale))
+                and not _path_matches(variable, self.exclude_from_parameter_scale))
 
     def _reduced_variable(self, variable, axis, suffix):
         shape = list(variable.shape)
         shape[axis] = 1
-        name = f"{variable_path(variable).replace('/', '_')}_{suffix}"
+        name = f"{_variable_path(variable).replace('/', '_')}_{suffix}"
         return self.add_variable(shape=tuple(shape), dtype=variable.dtype, name=name)
 
     def _get_current_learning_rate(self):
@@ -269,31 +275,34 @@ class AdaFactor(keras.optimizers.Optimizer):
             return ops.cast(self.beta2, dtype)
         return 1.0 - ops.power(ops.cast(self.iterations + 1, dtype), -0.8)
 
+    def _moving_average(self, average, value, decay):
+        """Store and return ``decay * average + (1 - decay) * value``."""
+        new_average = decay * average + (1.0 - decay) * value
+        self.assign(average, new_average)
+        return new_average
+
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         learning_rate = ops.cast(learning_rate, dtype)
-        gradient = ops.cast(dense_gradient(gradient, variable), dtype)
+        gradient = ops.cast(_dense_gradient(gradient, variable), dtype)
         beta2 = self._decay_rate(dtype)
         index = self._get_variable_index(variable)
         squared = ops.square(gradient) + self.epsilon1
         axes = self.factored_axes(variable.shape)
         if axes is None:
-            second_moment = self._second_moments[index]
-            self.assign(second_moment, beta2 * second_moment + (1.0 - beta2) * squared)
-            estimate = ops.convert_to_tensor(second_moment)
+            estimate = self._moving_average(self._second_moments[index], squared, beta2)
         else:
-            rows, columns = self._rows[index], self._columns[index]
-            self.assign(rows, beta2 * rows + (1.0 - beta2) * ops.mean(squared, axes[0], keepdims=True))
-            self.assign(columns, beta2 * columns
-                        + (1.0 - beta2) * ops.mean(squared, axes[1], keepdims=True))
+            rows = self._moving_average(
+                self._rows[index], ops.mean(squared, axes[0], keepdims=True), beta2)
+            columns = self._moving_average(
+                self._columns[index], ops.mean(squared, axes[1], keepdims=True), beta2)
             estimate = rows * columns / ops.mean(rows, axes[1], keepdims=True)
         update = gradient / ops.sqrt(estimate + self.epsilon1)
         if self.clipping_threshold is not None:
-            update = update / ops.maximum(1.0, _root_mean_square(update) / self.clipping_threshold)
+            clip = ops.maximum(1.0, _root_mean_square(update) / self.clipping_threshold)
+            update = update / clip
         if self.beta1 > 0:
-            first_moment = self._first_moments[index]
-            self.assign(first_moment, self.beta1 * first_moment + (1.0 - self.beta1) * update)
-            update = ops.convert_to_tensor(first_moment)
+            update = self._moving_average(self._first_moments[index], update, self.beta1)
         if self._parameter_scaled[index]:
             update = update * ops.maximum(_root_mean_square(variable), self.epsilon2)
         self.assign_sub(variable, learning_rate * update)
@@ -318,6 +327,9 @@ class AdaFactor(keras.optimizers.Optimizer):
 # The machinery the extensions share
 # --------------------------------------------------------------------------------------------
 
+# What an extension may look at when it rewrites one variable's update.
+UpdateStep = collections.namedtuple("UpdateStep", "gradient variable old_value learning_rate")
+
 
 class _ExtensibleOptimizer:
     """Mixin placed once in every derived optimizer's bases.
@@ -325,24 +337,35 @@ class _ExtensibleOptimizer:
     bert4keras's extensions each rewrote the new value of a variable proposed by the optimizer
     they wrap (its ``K.update`` patch). Keras 3 has no such hook, so this mixin adds one:
     ``update_step`` keeps the variable's value, lets the base optimizer's ``update_step`` move it,
-    and passes (old value, proposed value) through ``_transform_update``. Each extension overrides
-    ``_transform_update`` and calls ``super()`` first, so in
-    ``extend_with_b(extend_with_a(Adam))`` a's rewrite is applied before b's, as in bert4keras.
-    All state changes go through ``self.assign*`` inside ``update_step``, which is where
-    ``tf.distribute`` runs per-device updates, so the extensions work under ``MirroredStrategy``.
+    and passes the proposed value through ``_transform_update(step, new_value)``. Each extension
+    overrides it and calls ``super()`` first, so in ``extend_with_b(extend_with_a(Adam))`` a's
+    rewrite is applied before b's, as in bert4keras. State is created the same way, through
+    ``_build_extension``. All state changes go through ``self.assign*`` inside ``update_step``,
+    which is where ``tf.distribute`` runs per-device updates, so the extensions work under
+    ``MirroredStrategy``.
     """
 
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._build_extension(var_list)
+
+    def _build_extension(self, var_list):
+        """Create the extensions' state: each calls ``super()`` first, then adds its own."""
+
     def update_step(self, gradient, variable, learning_rate):
-        gradient = dense_gradient(gradient, variable)
+        gradient = _dense_gradient(gradient, variable)
         old_value = ops.copy(ops.convert_to_tensor(variable))
         super().update_step(gradient, variable, learning_rate)
         proposed = ops.convert_to_tensor(variable)
-        new_value = self._transform_update(gradient, variable, old_value, proposed, learning_rate)
+        step = UpdateStep(gradient, variable, old_value, learning_rate)
+        new_value = self._transform_update(step, proposed)
         if new_value is not proposed:
             self.assign(variable, new_value)
 
-    def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
-        """Return the value ``variable`` takes this step; extensions override this."""
+    def _transform_update(self, step, new_value):
+        """Return the value ``step.variable`` takes this update; extensions override this."""
         return new_value
 
     def _get_current_learning_rate(self):
@@ -352,21 +375,16 @@ class _ExtensibleOptimizer:
             return self._learning_rate(self.iterations)
         return super()._get_current_learning_rate()
 
-    def _flags_by_path(self, variables, patterns):
-        """One bool per variable: whether its path matches any of ``patterns``."""
-        return [path_matches(variable, patterns) for variable in variables]
-
     def _for_variable(self, per_variable, variable):
-        """The entry of a per-variable list (built in ``build``) that belongs to ``variable``."""
+        """The entry of a per-variable list (made in ``build``) that belongs to ``variable``."""
         return per_variable[self._get_variable_index(variable)]
 
 
 def _extensible_bases(base_optimizer):
     if not (isinstance(base_optimizer, type)
             and issubclass(base_optimizer, keras.optimizers.Optimizer)):
-        raise TypeError(
-            f"extend_with_* expects a keras.optimizers.Optimizer subclass, got {base_optimizer!r}."
-        )
+        raise TypeError("extend_with_* expects a keras.optimizers.Optimizer subclass, "
+                        f"got {base_optimizer!r}.")
     if issubclass(base_optimizer, _ExtensibleOptimizer):
         return (base_optimizer,)
     return (_ExtensibleOptimizer, base_optimizer)
@@ -377,7 +395,7 @@ def _finish(new_optimizer, base_optimizer, name, feature):
     name = name or f"{base_optimizer.__name__}With{feature}"
     new_optimizer.__name__ = new_optimizer.__qualname__ = name
     new_optimizer.__module__ = __name__
-    return _register(new_optimizer, name)
+    return keras.saving.register_keras_serializable(package="bert4k", name=name)(new_optimizer)
 
 
 def _as_list(patterns):
@@ -394,8 +412,8 @@ def _as_list(patterns):
 def extend_with_weight_decay(BaseOptimizer, name=None):
     """Add decoupled weight decay: ``variable -= lr * weight_decay_rate * variable`` each update.
 
-    Arguments: ``weight_decay_rate=0.01``, ``exclude_from_weight_decay=[regex, ...]`` matched against
-    variable paths (``['Norm', 'bias']`` leaves every ``*-Norm/*`` and every bias undecayed).
+    Arguments: ``weight_decay_rate=0.01``, ``exclude_from_weight_decay=[regex, ...]`` matched
+    against variable paths (``['Norm', 'bias']`` leaves every ``*-Norm/*`` and every bias alone).
 
     Keras's own ``weight_decay`` is not used: it matches ``var_names`` against the bare variable
     name (``gamma``, not ``Embedding-Norm/gamma``), and it decays before ``update_step``, so layer
@@ -404,24 +422,23 @@ def extend_with_weight_decay(BaseOptimizer, name=None):
     """
 
     class WeightDecay(*_extensible_bases(BaseOptimizer)):
-        def __init__(self, *args, weight_decay_rate=0.01, exclude_from_weight_decay=(), **kwargs):
+        def __init__(self, *args, weight_decay_rate=0.01, exclude_from_weight_decay=(),
+                     **kwargs):
             super().__init__(*args, **kwargs)
             self.weight_decay_rate = weight_decay_rate
             # Not `self.exclude_from_weight_decay`: that is a Keras method.
             self.weight_decay_exclusions = _as_list(exclude_from_weight_decay)
 
-        def build(self, var_list):
-            if self.built:
-                return
-            super().build(var_list)
-            self._weight_decay_excluded = self._flags_by_path(var_list, self.weight_decay_exclusions)
+        def _build_extension(self, var_list):
+            super()._build_extension(var_list)
+            self._decay_excluded = _flags_by_path(var_list, self.weight_decay_exclusions)
 
-        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
-            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
-            if self._for_variable(self._weight_decay_excluded, variable):
+        def _transform_update(self, step, new_value):
+            new_value = super()._transform_update(step, new_value)
+            if self._for_variable(self._decay_excluded, step.variable):
                 return new_value
-            rate = ops.cast(learning_rate, variable.dtype) * self.weight_decay_rate
-            return new_value - rate * old_value
+            rate = ops.cast(step.learning_rate, step.variable.dtype) * self.weight_decay_rate
+            return new_value - rate * step.old_value
 
         def get_config(self):
             return {**super().get_config(), "weight_decay_rate": self.weight_decay_rate,
@@ -434,11 +451,11 @@ def extend_with_layer_adaptation(BaseOptimizer, name=None):
     """Add LAMB's layer adaptation (https://arxiv.org/abs/1904.00962).
 
     Each variable's step ``delta`` (everything the wrapped optimizer and inner extensions do,
-    weight decay included) is rescaled so that its size is ``lr * ||variable||``:
-    ``delta * ||variable|| / ||delta / lr||``, unless either norm is zero. Argument:
+    weight decay included) is rescaled to ``delta * ||variable|| / ||delta / lr||``, i.e. to the
+    size ``lr * ||variable||``, unless either norm is zero. Argument:
     ``exclude_from_layer_adaptation=[regex, ...]`` on variable paths.
 
-    Keras's ``Lamb`` is a whole optimizer; this adds the trust ratio to any optimizer.
+    Keras's ``Lamb`` is one fixed optimizer; this adds the trust ratio to any optimizer.
     """
 
     class LayerAdaptation(*_extensible_bases(BaseOptimizer)):
@@ -446,24 +463,23 @@ def extend_with_layer_adaptation(BaseOptimizer, name=None):
             super().__init__(*args, **kwargs)
             self.exclude_from_layer_adaptation = _as_list(exclude_from_layer_adaptation)
 
-        def build(self, var_list):
-            if self.built:
-                return
-            super().build(var_list)
-            self._layer_adaptation_excluded = self._flags_by_path(
-                var_list, self.exclude_from_layer_adaptation)
+        def _build_extension(self, var_list):
+            super()._build_extension(var_list)
+            self._adaptation_excluded = _flags_by_path(var_list,
+                                                       self.exclude_from_layer_adaptation)
 
-        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
-            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
-            if self._for_variable(self._layer_adaptation_excluded, variable):
+        def _transform_update(self, step, new_value):
+            new_value = super()._transform_update(step, new_value)
+            if self._for_variable(self._adaptation_excluded, step.variable):
                 return new_value
-            delta = new_value - old_value
-            learning_rate = ops.maximum(ops.cast(learning_rate, variable.dtype), keras.config.epsilon())
-            weight_norm = ops.sqrt(ops.sum(ops.square(old_value)))
+            delta = new_value - step.old_value
+            learning_rate = ops.maximum(ops.cast(step.learning_rate, step.variable.dtype),
+                                        keras.config.epsilon())
+            weight_norm = ops.sqrt(ops.sum(ops.square(step.old_value)))
             update_norm = ops.sqrt(ops.sum(ops.square(delta / learning_rate)))
             usable = ops.logical_and(weight_norm > 0, update_norm > 0)
             ratio = ops.where(usable, weight_norm / ops.where(usable, update_norm, 1.0), 1.0)
-            return old_value + delta * ratio
+            return step.old_value + delta * ratio
 
         def get_config(self):
             return {**super().get_config(),
@@ -512,8 +528,8 @@ def extend_with_gradient_accumulation(BaseOptimizer, name=None):
     runs at every call on the running mean of the gradients, and every state change it makes goes
     through ``self.assign*``, which keep the old value except on the last call of a cycle (the
     masking bert4keras did by patching ``K.update``). No branch, so it works on every backend and
-    under ``tf.distribute``; the price is running the update math (and, with several replicas, the
-    all-reduce) on every call.
+    under ``tf.distribute``; the price is running the update math (and, with several replicas,
+    the all-reduce) on every call.
 
     Keras's own ``weight_decay``, ``use_ema`` and ``gradient_accumulation_steps`` change state
     outside ``update_step`` and would act at every call, so they are refused here; use
@@ -524,48 +540,48 @@ def extend_with_gradient_accumulation(BaseOptimizer, name=None):
         def __init__(self, *args, grad_accum_steps=2, **kwargs):
             super().__init__(*args, **kwargs)
             if int(grad_accum_steps) != grad_accum_steps or grad_accum_steps < 1:
-                raise ValueError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.")
-            conflicts = [argument for argument in ("weight_decay", "use_ema", "gradient_accumulation_steps")
+                raise ValueError("grad_accum_steps must be an integer >= 1, "
+                                 f"got {grad_accum_steps!r}.")
+            conflicts = [argument for argument in
+                         ("weight_decay", "use_ema", "gradient_accumulation_steps")
                          if getattr(self, argument)]
             if conflicts:
                 raise ValueError(
-                    f"extend_with_gradient_accumulation cannot be combined with Keras's {conflicts}: "
-                    "they would act on every micro-step. Use extend_with_weight_decay / "
-                    "extend_with_exponential_moving_average / grad_accum_steps instead."
+                    "extend_with_gradient_accumulation cannot be combined with Keras's "
+                    f"{conflicts}: they would act on every micro-step. Use "
+                    "extend_with_weight_decay / extend_with_exponential_moving_average / "
+                    "grad_accum_steps instead."
                 )
             self.grad_accum_steps = int(grad_accum_steps)
-            self._apply_this_call = None
+            self._is_update_call = None  # while applying: does this call end a cycle?
 
         @property
         def iterations(self):
             return ops.floor_divide(self._iterations, self.grad_accum_steps)
 
-        def build(self, var_list):
-            if self.built:
-                return
-            super().build(var_list)
+        def _build_extension(self, var_list):
+            super()._build_extension(var_list)
             self._gradient_sums = self.add_optimizer_variables(var_list, "gradient_sum")
 
         def _backend_apply_gradients(self, grads, trainable_variables):
             steps = self.grad_accum_steps
             is_update = ops.equal(ops.mod(self._iterations + 1, steps), 0)
-            sum_variables = [self._for_variable(self._gradient_sums, v) for v in trainable_variables]
-            previous = [ops.convert_to_tensor(s) for s in sum_variables]
+            sums = [self._for_variable(self._gradient_sums, v) for v in trainable_variables]
+            previous = [ops.convert_to_tensor(s) for s in sums]
             totals = [ops.add(p, g) for p, g in zip(previous, grads)]
-            self._apply_this_call = is_update
+            self._is_update_call = is_update
             try:
                 super()._backend_apply_gradients([t / steps for t in totals], trainable_variables)
             finally:
-                self._apply_this_call = None
-            # New sums: 0 after an update, else the running total; Keras's (distribution-aware)
-            # accumulator hook adds the difference.
-            increments = [ops.where(is_update, ops.zeros_like(t), t) - p
-                          for t, p in zip(totals, previous)]
-            self._backend_increment_gradient_accumulators(increments, sum_variables)
+                self._is_update_call = None
+            # The sums become 0 after an update, else the running totals; Keras's accumulator
+            # hook (distribution-aware) adds the difference.
+            increments = [ops.where(is_update, 0.0, t) - p for t, p in zip(totals, previous)]
+            self._backend_increment_gradient_accumulators(increments, sums)
 
         def assign(self, variable, value):
-            if self._apply_this_call is not None:
-                value = ops.where(self._apply_this_call, value, ops.convert_to_tensor(variable))
+            if self._is_update_call is not None:
+                value = ops.where(self._is_update_call, value, ops.convert_to_tensor(variable))
             super().assign(variable, value)
 
         def assign_add(self, variable, value):
@@ -575,9 +591,9 @@ def extend_with_gradient_accumulation(BaseOptimizer, name=None):
             super().assign_sub(variable, self._masked_increment(value))
 
         def _masked_increment(self, value):
-            if self._apply_this_call is None:
+            if self._is_update_call is None:
                 return value
-            return ops.where(self._apply_this_call, value, 0.0)
+            return ops.where(self._is_update_call, value, 0.0)
 
         def get_config(self):
             return {**super().get_config(), "grad_accum_steps": self.grad_accum_steps}
@@ -601,16 +617,15 @@ def extend_with_lookahead(BaseOptimizer, name=None):
             self.steps_per_slow_update = steps_per_slow_update
             self.slow_step_size = slow_step_size
 
-        def build(self, var_list):
-            if self.built:
-                return
-            super().build(var_list)
+        def _build_extension(self, var_list):
+            super()._build_extension(var_list)
             self._slow_weights = self.add_optimizer_variables(var_list, "slow_weight")
 
-        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
-            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
-            slow_variable = self._for_variable(self._slow_weights, variable)
-            slow = ops.where(ops.equal(self.iterations, 0), old_value, ops.convert_to_tensor(slow_variable))
+        def _transform_update(self, step, new_value):
+            new_value = super()._transform_update(step, new_value)
+            slow_variable = self._for_variable(self._slow_weights, step.variable)
+            first_update = ops.equal(self.iterations, 0)
+            slow = ops.where(first_update, step.old_value, ops.convert_to_tensor(slow_variable))
             synchronise = ops.equal(ops.mod(self.iterations + 1, self.steps_per_slow_update), 0)
             slow = ops.where(synchronise, slow + self.slow_step_size * (new_value - slow), slow)
             self.assign(slow_variable, slow)
@@ -636,18 +651,16 @@ def extend_with_lazy_optimization(BaseOptimizer, name=None):
             super().__init__(*args, **kwargs)
             self.include_in_lazy_optimization = _as_list(include_in_lazy_optimization)
 
-        def build(self, var_list):
-            if self.built:
-                return
-            super().build(var_list)
-            self._lazy = self._flags_by_path(var_list, self.include_in_lazy_optimization)
+        def _build_extension(self, var_list):
+            super()._build_extension(var_list)
+            self._lazy = _flags_by_path(var_list, self.include_in_lazy_optimization)
 
-        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
-            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
-            if not self._for_variable(self._lazy, variable):
+        def _transform_update(self, step, new_value):
+            new_value = super()._transform_update(step, new_value)
+            if not self._for_variable(self._lazy, step.variable):
                 return new_value
-            touched = ops.any(ops.not_equal(gradient, 0), axis=-1, keepdims=True)
-            return ops.where(touched, new_value, old_value)
+            touched = ops.any(ops.not_equal(step.gradient, 0), axis=-1, keepdims=True)
+            return ops.where(touched, new_value, step.old_value)
 
         def get_config(self):
             return {**super().get_config(),
@@ -664,41 +677,45 @@ def extend_with_exponential_moving_average(BaseOptimizer, name=None):
     ``ema / (1 - m ** iterations)`` (or the raw ``ema``) in their place, e.g. for evaluation;
     ``reset_old_weights()`` puts the backed-up weights back.
 
-    Keras's ``use_ema`` is not used: its average starts from the first weights rather than zero (so
-    bert4keras's bias correction would be wrong), it updates on every micro-step under gradient
-    accumulation, and ``fit`` overwrites the weights with it at the end of training.
+    Keras's ``use_ema`` is not used: its average starts from the first weights rather than zero
+    (so bert4keras's bias correction would be wrong), it updates on every micro-step under
+    gradient accumulation, and ``fit`` overwrites the weights with it at the end of training.
+    Its ``ema_momentum`` argument and config entry are shared.
     """
 
     class ExponentialMovingAverage(*_extensible_bases(BaseOptimizer)):
         def __init__(self, *args, ema_momentum=0.999, **kwargs):
             if kwargs.get("use_ema"):
-                raise ValueError("Use either Keras's use_ema or extend_with_exponential_moving_average, not both.")
+                raise ValueError("Use either Keras's use_ema or "
+                                 "extend_with_exponential_moving_average, not both.")
             if not 0 <= ema_momentum <= 1:
                 raise ValueError(f"ema_momentum must be in [0, 1], got {ema_momentum}.")
             super().__init__(*args, ema_momentum=ema_momentum, **kwargs)
             self._old_weights = None
 
-        def build(self, var_list):
-            if self.built:
-                return
-            super().build(var_list)
+        def _build_extension(self, var_list):
+            super()._build_extension(var_list)
             self._ema_weights = self.add_optimizer_variables(var_list, "ema")
 
-        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
-            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
-            average = self._for_variable(self._ema_weights, variable)
-            momentum = ops.cast(self.ema_momentum, variable.dtype)
+        def _transform_update(self, step, new_value):
+            new_value = super()._transform_update(step, new_value)
+            average = self._for_variable(self._ema_weights, step.variable)
+            momentum = ops.cast(self.ema_momentum, step.variable.dtype)
             self.assign(average, momentum * average + (1 - momentum) * new_value)
             return new_value
+
+        def _averaged_weights(self):
+            return [(weight, average) for weight, average
+                    in zip(self._trainable_variables, self._ema_weights) if average is not None]
 
         def apply_ema_weights(self, bias_correction=True):
             """Back up the model's weights, then replace them with their moving averages."""
             updates = int(ops.convert_to_numpy(self.iterations))
             if updates == 0:
-                raise ValueError("apply_ema_weights() needs at least one update: the average is empty.")
-            scale = 1.0 - self.ema_momentum ** updates if bias_correction else 1.0
-            pairs = [(weight, average) for weight, average
-                     in zip(self._trainable_variables, self._ema_weights) if average is not None]
+                raise ValueError("apply_ema_weights() needs at least one update: "
+                                 "the average is still empty.")
+            scale = 1.0 - self.ema_momentum**updates if bias_correction else 1.0
+            pairs = self._averaged_weights()
             self._old_weights = [ops.convert_to_numpy(weight) for weight, _ in pairs]
             for weight, average in pairs:
                 weight.assign(ops.convert_to_numpy(average) / scale)
@@ -706,9 +723,9 @@ def extend_with_exponential_moving_average(BaseOptimizer, name=None):
         def reset_old_weights(self):
             """Put back the weights backed up by apply_ema_weights()."""
             if self._old_weights is None:
-                raise ValueError("reset_old_weights() restores what apply_ema_weights() backed up; call that first.")
-            weights = [w for w, a in zip(self._trainable_variables, self._ema_weights) if a is not None]
-            for weight, value in zip(weights, self._old_weights):
+                raise ValueError("reset_old_weights() restores what apply_ema_weights() "
+                                 "backed up; call that first.")
+            for (weight, _), value in zip(self._averaged_weights(), self._old_weights):
                 weight.assign(value)
 
     return _finish(ExponentialMovingAverage, BaseOptimizer, name, "ExponentialMovingAverage")
@@ -720,30 +737,29 @@ def extend_with_parameter_wise_lr(BaseOptimizer, name=None):
     Argument: ``paramwise_lr_schedule={name_substring: multiplier}``: a variable's step is
     multiplied by every multiplier whose key occurs in its path (``{'Embedding': 0.1}`` trains
     the embeddings ten times slower). Keras has no per-variable learning rate short of
-    ``MultiOptimizer``-style splitting.
+    splitting the variables between several optimizers.
     """
 
     class ParameterWiseLR(*_extensible_bases(BaseOptimizer)):
         def __init__(self, *args, paramwise_lr_schedule=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.paramwise_lr_schedule = {str(key): float(value)
-                                          for key, value in (paramwise_lr_schedule or {}).items()}
+            schedule = paramwise_lr_schedule or {}
+            self.paramwise_lr_schedule = {str(key): float(value) for key, value in schedule.items()}
 
-        def build(self, var_list):
-            if self.built:
-                return
-            super().build(var_list)
-            self._lr_multipliers = [self._multiplier(variable_path(v)) for v in var_list]
+        def _build_extension(self, var_list):
+            super()._build_extension(var_list)
+            self._lr_multipliers = [self._multiplier(_variable_path(v)) for v in var_list]
 
         def _multiplier(self, path):
-            return float(np.prod([value for key, value in self.paramwise_lr_schedule.items() if key in path]))
+            matching = [value for key, value in self.paramwise_lr_schedule.items() if key in path]
+            return float(np.prod(matching))
 
-        def _transform_update(self, gradient, variable, old_value, new_value, learning_rate):
-            new_value = super()._transform_update(gradient, variable, old_value, new_value, learning_rate)
-            multiplier = self._for_variable(self._lr_multipliers, variable)
+        def _transform_update(self, step, new_value):
+            new_value = super()._transform_update(step, new_value)
+            multiplier = self._for_variable(self._lr_multipliers, step.variable)
             if multiplier == 1.0:
                 return new_value
-            return old_value + (new_value - old_value) * multiplier
+            return step.old_value + (new_value - step.old_value) * multiplier
 
         def get_config(self):
             return {**super().get_config(), "paramwise_lr_schedule": self.paramwise_lr_schedule}

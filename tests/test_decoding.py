@@ -128,3 +128,28 @@ def test_sampling_respects_topk():
     assert set(tokens) == {1, 3}
     tokens = AutoRegressiveDecoder._sample(probas, topk=None, topp=0.5)
     assert set(tokens) == {1}
+
+
+@pytest.fixture(scope="module", params=["t5", "t5.1.1"])
+def t5(request):
+    keras.utils.set_random_seed(5)
+    return build_transformer_model(model=request.param, return_keras_model=False, **CONFIG)
+
+
+def t5_greedy(t5, source, maxlen):
+    output = [0]
+    for _ in range(maxlen):
+        probas = t5.model.predict([np.array([source]), np.array([output])], verbose=0)[0, -1]
+        output.append(int(probas.argmax()))
+        if output[-1] == END:
+            break
+    return output
+
+
+def test_t5_cached_decoding_is_greedy_and_batches(t5):
+    decoder = AutoRegressiveDecoder(start_id=0, end_id=END, maxlen=5, model=t5)
+    sources = prompts(3, seed=5)
+    singles = [list(decoder.beam_search([source], topk=1)) for source in sources]
+    assert singles == [t5_greedy(t5, source, 5) for source in sources]
+    batched = decoder.beam_search([sources], topk=1)
+    assert [list(x) for x in batched] == singles

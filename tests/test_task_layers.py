@@ -153,12 +153,14 @@ def test_lr_multiplier_scales_the_transitions_step():
 # -- CRF learns a tagging task that needs its transitions -----------------------------------------
 
 O, B, I = 0, 1, 2  # noqa: E741 (the tag names)
-MARK, JOINERS, FILLERS = 1, (2, 3), (4, 5)
+MARK, JOINERS, FILLERS, CLS = 1, (2, 3), (4, 5), 6
 
 
 def toy_tags(tokens):
-    """A marker is B; a joiner right after B or I is I, elsewhere O; fillers are O. A joiner's tag
-    depends on the previous tag, which only the CRF's transitions can see in this model."""
+    """A marker is B; a joiner right after B or I is I, elsewhere O; fillers and CLS are O. A
+    joiner's tag depends on the previous tag, which only the CRF's transitions can see in this
+    model. (Sequences start with CLS, as BERT's do: a CRF has no start transitions, so a joiner
+    in the first position could not be told from one after B.)"""
     tags, previous = [], O
     for token in tokens:
         if token == MARK:
@@ -177,24 +179,26 @@ def toy_tagging_data(count, max_length, rng):
     tags = np.zeros((count, max_length), "int32")
     for row in range(count):
         length = rng.integers(4, max_length + 1)
-        tokens[row, :length] = rng.choice([MARK, 2, 3, 4, 5], size=length, p=[0.25, 0.25, 0.25, 0.15, 0.1])
+        tokens[row, 0] = CLS
+        tokens[row, 1:length] = rng.choice([MARK, 2, 3, 4, 5], size=length - 1, p=[0.25, 0.25, 0.25, 0.15, 0.1])
         tags[row, :length] = toy_tags(tokens[row, :length])
     return tokens, tags
 
 
 def test_crf_tagger_learns_a_transition_dependent_rule():
     rng = np.random.default_rng(0)
-    x_train, y_train = toy_tagging_data(512, 10, rng)
+    x_train, y_train = toy_tagging_data(256, 10, rng)
     x_test, y_test = toy_tagging_data(128, 10, rng)
 
     token_ids = keras.Input((None,), dtype="int32")
-    hidden = keras.layers.Embedding(6, 16, mask_zero=True)(token_ids)
-    crf = ConditionalRandomField(lr_multiplier=10)
-    model = keras.Model(token_ids, crf(keras.layers.Dense(3)(hidden)))
-    model.compile(keras.optimizers.Adam(0.02), loss=crf.sparse_loss, metrics=[crf.sparse_accuracy])
-    model.fit(x_train, y_train, batch_size=64, epochs=25, verbose=0)
+    # One emission score per tag and token: the CRF's loss is then convex, and training is quick.
+    emissions = keras.layers.Embedding(7, 3, mask_zero=True)(token_ids)
+    crf = ConditionalRandomField(lr_multiplier=2)
+    model = keras.Model(token_ids, crf(emissions))
+    model.compile(keras.optimizers.Adam(0.1), loss=crf.sparse_loss, metrics=[crf.sparse_accuracy])
+    model.fit(x_train, y_train, batch_size=32, epochs=8, verbose=0)
 
-    scores = model.predict(x_test, verbose=0)
+    scores = to_numpy(model(x_test))
     decoder = ViterbiDecoder(to_numpy(crf.trans))
     lengths = (x_test > 0).sum(axis=1)
     predicted = [decoder.decode(s[:n]) for s, n in zip(scores, lengths)]
@@ -342,16 +346,16 @@ def span_f1(scores, spans):
 @pytest.mark.parametrize("cls", GLOBAL_POINTERS)
 def test_global_pointer_learns_marked_spans(cls):
     rng = np.random.default_rng(0)
-    x_train, train_spans = toy_span_data(512, 12, rng)
+    x_train, train_spans = toy_span_data(256, 12, rng)
     x_test, test_spans = toy_span_data(128, 12, rng)
 
     token_ids = keras.Input((None,), dtype="int32")
     hidden = keras.layers.Embedding(10, 32, mask_zero=True)(token_ids)
     model = keras.Model(token_ids, cls(heads=2, head_size=16)(hidden))
-    model.compile(keras.optimizers.Adam(0.01), loss=global_pointer_loss)
-    model.fit(x_train, span_targets(train_spans, 2, 12), batch_size=64, epochs=15, verbose=0)
+    model.compile(keras.optimizers.Adam(0.02), loss=global_pointer_loss)
+    model.fit(x_train, span_targets(train_spans, 2, 12), batch_size=64, epochs=6, verbose=0)
 
-    assert span_f1(model.predict(x_test, verbose=0), test_spans) == 1.0
+    assert span_f1(to_numpy(model(x_test)), test_spans) == 1.0
 
 
 # -- multi-label cross-entropy --------------------------------------------------------------------------
@@ -428,9 +432,10 @@ def test_loss_layer_trains_a_model_compiled_without_a_loss():
     x = rng.normal(size=(256, 4)).astype("float32")
     weights = np.array([[1.0], [2.0], [-1.0], [0.5]], "float32")
     model = regression_model()
-    model.compile(keras.optimizers.Adam(0.05))
-    model.fit([x, x @ weights], batch_size=32, epochs=30, verbose=0)
-    assert model.evaluate([x, x @ weights], verbose=0) < 1e-4
+    model.compile(keras.optimizers.SGD(0.3))  # full-batch gradient descent: quick on this problem
+    model.fit([x, x @ weights], batch_size=256, epochs=40, verbose=0)
+    model([x, x @ weights])  # an eager call leaves the layer's loss in model.losses
+    assert float(to_numpy(model.losses[0])) < 1e-4
     np.testing.assert_allclose(model.get_layer("linear").get_weights()[0], weights, atol=1e-2)
 
 
@@ -475,40 +480,45 @@ def test_global_pointer_model_saves_and_loads(cls, tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
     x, _ = toy_span_data(4, 9, np.random.default_rng(0))
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(model(x)))
 
 
 def test_loss_layer_model_saves_and_loads(tmp_path):
     model = regression_model()
-    model.compile(keras.optimizers.Adam(0.05))
     x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
     y = x[:, :1]
     path = tmp_path / "loss.keras"
     model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
-    np.testing.assert_array_equal(loaded.predict([x, y], verbose=0), model.predict([x, y], verbose=0))
-    assert loaded.evaluate([x, y], verbose=0) == pytest.approx(model.evaluate([x, y], verbose=0))
+    np.testing.assert_array_equal(to_numpy(loaded([x, y])), to_numpy(model([x, y])))
+    assert isinstance(loaded.layers[-1], SquaredErrorLoss)
+    assert float(to_numpy(loaded.losses[0])) == pytest.approx(float(np.mean((y - to_numpy(model([x, y]))) ** 2)))
 
 
+# Saved before any training step, the optimizer has fewer variables than the one Keras builds on load.
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_compiled_crf_model_saves_and_loads_with_its_loss(tmp_path):
     rng = np.random.default_rng(0)
     x, y = toy_tagging_data(32, 8, rng)
     token_ids = keras.Input((None,), dtype="int32")
-    hidden = keras.layers.Embedding(6, 8, mask_zero=True)(token_ids)
+    hidden = keras.layers.Embedding(7, 8, mask_zero=True)(token_ids)
     crf = ConditionalRandomField(lr_multiplier=5, name="crf")
     model = keras.Model(token_ids, crf(keras.layers.Dense(3)(hidden)))
     model.compile("adam", loss=crf.sparse_loss, metrics=[crf.sparse_accuracy])
-    model.fit(x, y, epochs=1, verbose=0)
     path = tmp_path / "crf.keras"
     model.save(path)
 
     loaded = keras.models.load_model(path, safe_mode=True)
     loaded_crf = loaded.get_layer("crf")
+    np.testing.assert_array_equal(loaded_crf.get_weights()[0], crf.get_weights()[0])
     np.testing.assert_array_equal(to_numpy(loaded_crf.trans), to_numpy(crf.trans))
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
-    np.testing.assert_allclose(loaded.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-6)
-    # The loaded loss trains the loaded model's own transitions, not the original's.
-    original, before = to_numpy(crf.trans), to_numpy(loaded_crf.trans)
-    loaded.train_on_batch(x, y)
+    scores = to_numpy(model(x))
+    np.testing.assert_array_equal(to_numpy(loaded(x)), scores)
+    np.testing.assert_allclose(to_numpy(loaded.loss(y, scores)), to_numpy(model.loss(y, scores)), rtol=1e-6)
+    # The loaded loss reads the loaded model's own transitions, not the original's.
+    loaded_crf.set_weights([np.random.default_rng(1).normal(size=(3, 3))])
+    assert not np.allclose(to_numpy(loaded.loss(y, scores)), to_numpy(model.loss(y, scores)))
+    # and fit trains them.
+    before = to_numpy(loaded_crf.trans)
+    loaded.fit(x, y, epochs=1, verbose=0)
     assert not np.allclose(to_numpy(loaded_crf.trans), before)
-    np.testing.assert_array_equal(to_numpy(crf.trans), original)

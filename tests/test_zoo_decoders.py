@@ -100,3 +100,73 @@ def test_gpt2_round_trips(tmp_path, gpt2_expected):
     reloaded = build_transformer_model(checkpoint_path=tmp_path / "ckpt" / "model.ckpt",
                                        model="gpt2", **config)
     np.testing.assert_array_equal(reloaded.predict(ids, verbose=0), expected)
+
+
+# -- T5 -------------------------------------------------------------------------------------------
+
+
+def mesh_t5_name(hf_name):
+    """HF T5 name -> the Mesh TensorFlow release name, and whether Mesh stores it transposed."""
+    if hf_name == "shared.weight":
+        return "shared/embedding", False
+    if hf_name == "lm_head.weight":
+        return "decoder/logits/kernel", True
+    match = re.fullmatch(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.(.+)\.weight", hf_name)
+    if match is None:  # encoder.final_layer_norm.weight
+        return hf_name.replace(".weight", "/scale").replace(".", "/"), False
+    stack, block, layer, rest = match.groups()
+    scope = f"{stack}/block_{int(block):03d}/layer_{int(layer):03d}"
+    if rest == "layer_norm":
+        return f"{scope}/layer_norm/scale", False
+    if rest.endswith("relative_attention_bias"):
+        return f"{scope}/{rest.replace('.', '/')}", True  # Mesh: [heads, buckets]
+    attention = re.fullmatch(r"(SelfAttention|EncDecAttention)\.([qkvo])", rest)
+    if attention:
+        return f"{scope}/{attention.group(1)}/{attention.group(2)}", True
+    return f"{scope}/{rest.replace('.', '/')}/kernel", True  # DenseReluDense.wi / wi_0 / wo
+
+
+T5_FAMILIES = ["t5", "t5.1.1"]
+
+
+@pytest.mark.parametrize("family", T5_FAMILIES)
+def test_t5_from_safetensors_matches_transformers(family):
+    expected = np.load(ZOO / family / "expected.npz")
+    t5 = build_transformer_model(ZOO / family / "config.json", ZOO / family, model=family,
+                                 with_lm="linear", return_keras_model=False)
+    logits = t5.model.predict([expected["encoder_ids"], expected["decoder_ids"]], verbose=0)
+    assert np.abs(logits - expected["logits"]).max() <= 1e-4
+    context = t5.encoder.predict(expected["encoder_ids"], verbose=0)
+    real = expected["encoder_ids"] != 0
+    assert np.abs(context - expected["encoder_output"])[real].max() <= 1e-4
+    assert np.all(context[~real] == 0)  # padding zeroed, for a decoder given the context alone
+
+
+@pytest.mark.parametrize("family", T5_FAMILIES)
+def test_t5_from_mesh_tensorflow_names(family, tmp_path):
+    expected = np.load(ZOO / family / "expected.npz")
+    variables = {}
+    for hf_name, value in load_file(ZOO / family / "model.safetensors").items():
+        name, transposed = mesh_t5_name(hf_name)
+        variables[name] = value.T.copy() if transposed else value
+    write_tf_checkpoint(tmp_path / "model.ckpt", variables)
+    model = build_transformer_model(ZOO / family / "config.json", tmp_path / "model.ckpt",
+                                    model=family, with_lm="linear")
+    logits = model.predict([expected["encoder_ids"], expected["decoder_ids"]], verbose=0)
+    assert np.abs(logits - expected["logits"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", T5_FAMILIES)
+def test_t5_round_trips(family, tmp_path):
+    config = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64)
+    t5 = build_transformer_model(model=family, return_keras_model=False, **config)
+    inputs = [np.array([[5, 6, 7, 0]]), np.array([[0, 8, 9]])]
+    expected = t5.model.predict(inputs, verbose=0)
+    t5.model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(inputs, verbose=0), expected)
+    t5.save_weights_as_checkpoint(tmp_path / "ckpt" / "model.ckpt")
+    reloaded = build_transformer_model(checkpoint_path=tmp_path / "ckpt" / "model.ckpt",
+                                       model=family, **config)
+    np.testing.assert_array_equal(reloaded.predict(inputs, verbose=0), expected)

@@ -1,0 +1,76 @@
+"""Sentiment classification of Chinese reviews: is a review positive or negative?
+
+Data: the bundled corpus (data/sentiment.zip: hotel, book, laptop, ... reviews labelled 0/1;
+16,883 train / 2,111 valid / 2,111 test). Model: BERT, the pooled [CLS] vector, Dense(2,
+softmax), trained with cross-entropy; reports accuracy on the valid and test splits.
+
+    python examples/task_sentiment_classification.py
+    python examples/task_sentiment_classification.py --config runs/pretrain/bert_config.json \
+        --checkpoint runs/pretrain/bert_model.ckpt --vocab runs/pretrain/vocab.txt
+
+Result at the default settings (random init, small config: hidden 128, 2 layers; maxlen 64,
+batch 32, 2 epochs over the full training split): test accuracy 0.846 (valid 0.858) in about
+6 minutes on 2 CPU cores shared with other jobs. A Chinese BERT-base reaches about 0.95 on this
+corpus (bert4keras's example); pretraining is what closes the gap.
+"""
+
+import keras
+import numpy as np
+
+import common
+from bert4k.snippets import DataGenerator, sequence_padding
+
+
+class Generator(DataGenerator):
+    """Batches of ((token_ids, segment_ids), labels), padded to maxlen. (A tuple, not a list:
+    Keras 3's generator adapter takes a list for one array.)"""
+
+    def __init__(self, data, tokenizer, maxlen, batch_size):
+        super().__init__(data, batch_size)
+        self.tokenizer, self.maxlen = tokenizer, maxlen
+
+    def __iter__(self, random=False):
+        token_ids, labels = [], []
+        for is_end, (text, label) in self.sample(random):
+            token_ids.append(self.tokenizer.encode(text, maxlen=self.maxlen)[0])
+            labels.append([label])
+            if len(token_ids) == self.batch_size or is_end:
+                token_ids = sequence_padding(token_ids, length=self.maxlen)
+                yield (token_ids, np.zeros_like(token_ids)), np.array(labels)
+                token_ids, labels = [], []
+
+
+def accuracy(model, generator):
+    correct = total = 0
+    for inputs, labels in generator.fortest():
+        predicted = model.predict_on_batch(inputs).argmax(axis=-1)
+        correct += (predicted == labels[:, 0]).sum()
+        total += len(labels)
+    return correct / total
+
+
+def main(argv=None):
+    parser = common.argument_parser(__doc__, epochs=2, batch_size=32, maxlen=64)
+    args = parser.parse_args(argv)
+    tokenizer = common.setup(args)
+    train, valid, test = (common.read_corpus(split, args) for split in ("train", "valid", "test"))
+    train_generator, valid_generator, test_generator = (
+        Generator(data, tokenizer, args.maxlen, args.batch_size) for data in (train, valid, test)
+    )
+
+    bert = common.build_model(args, tokenizer, with_pool=True)
+    output = keras.layers.Dropout(0.1)(bert.output)
+    output = keras.layers.Dense(2, activation="softmax")(output)
+    model = keras.Model(bert.inputs, output)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer=common.optimizer(args),
+                  metrics=["accuracy"])
+    model.fit(train_generator.forfit(), steps_per_epoch=len(train_generator), epochs=args.epochs)
+
+    valid_accuracy = accuracy(model, valid_generator)
+    test_accuracy = accuracy(model, test_generator)
+    print(f"valid accuracy: {valid_accuracy:.4f}  test accuracy: {test_accuracy:.4f}")
+    return test_accuracy
+
+
+if __name__ == "__main__":
+    main()
