@@ -232,6 +232,31 @@ def gpt2_hf_name(original, steps):
     return name.replace("/", "."), steps
 
 
+# GPT-1 in BERT's names (bert4keras read CDial-GPT so): BERT's rows for the parts GPT has.
+GPT_TABLE = [row for row in BERT_TABLE
+             if row[0].startswith(("Embedding-Token", "Embedding-Position", "Transformer-"))]
+GPT_HF_NAMES = {
+    "attention/self/query": "attn/c_attn", "attention/self/key": "attn/c_attn",
+    "attention/self/value": "attn/c_attn", "attention/output/dense": "attn/c_proj",
+    "attention/output/LayerNorm": "ln_1", "intermediate/dense": "mlp/c_fc",
+    "output/dense": "mlp/c_proj", "output/LayerNorm": "ln_2",
+}
+
+
+def gpt_hf_name(original, steps):
+    """BERT-named GPT -> Hugging Face OpenAIGPTModel names: fused, Conv1D ([in, out]) q/k/v."""
+    if original.startswith("bert/embeddings/"):
+        table = "tokens_embed" if original.endswith("word_embeddings") else "positions_embed"
+        return f"transformer.{table}.weight", steps
+    match = re.fullmatch(r"bert/encoder/layer_(\{i\}|\d+)/(.+)/(kernel|bias|gamma|beta)", original)
+    block, part, kind = match.groups()
+    name = f"transformer/h/{block}/{GPT_HF_NAMES[part]}/"
+    name += "bias" if kind in ("bias", "beta") else "weight"
+    fused = ["attention/self/query", "attention/self/key", "attention/self/value"]
+    steps = (Split(fused.index(part), 3),) if part in fused else None
+    return name.replace("/", "."), steps
+
+
 def _t5_table(gated):
     """T5 in the Mesh TensorFlow release names. Its kernels are [in, out] like ours; its relative
     attention biases are [heads, buckets]."""
@@ -312,6 +337,8 @@ FAMILIES = {
                  hf_ignored=r"(embed_tokens\.weight$|^lm_head\.weight$)"),
     "t5.1.1": Family(T5_1_1_TABLE, t5_hf_name, "", hf_heads=("lm_head.",),
                      hf_ignored=r"embed_tokens\.weight$"),
+    "gpt": Family(GPT_TABLE, gpt_hf_name, "transformer.", hf_heads=("lm_head.",),
+                  hf_ignored=r"(\.attn\.bias$|^lm_head\.weight$|position_ids$)"),
     "gpt2": Family(GPT2_TABLE, gpt2_hf_name, "transformer.", hf_heads=("lm_head.",),
                    hf_ignored=r"(\.attn\.(bias|masked_bias)$|^lm_head\.weight$)"),
 }

@@ -21,6 +21,7 @@ ALIASES = {
     "n_inner": "intermediate_size",
     "n_vocab": "vocab_size",
     "activation_function": "hidden_act",
+    "afn": "hidden_act",  # OpenAI GPT
     "resid_pdrop": "dropout_rate",
     "attn_pdrop": "attention_dropout_rate",
     # T5
@@ -135,6 +136,8 @@ def config_to_arguments(config, model, source="config"):
     config = dict(config)
     if model_type in ("t5", "mt5"):
         config = _t5_config(config)
+    if model_type == "openai-gpt" and config.get("afn") == "gelu":
+        config["afn"] = "gelu_new"  # OpenAI GPT's 'gelu' is the tanh approximation
     if "n_ctx" in config:  # OpenAI's hparams.json names the context n_ctx; HF's n_positions wins
         config.setdefault("n_positions", config["n_ctx"])
         del config["n_ctx"]

@@ -527,12 +527,13 @@ class ELECTRA(BERT):
         return super().apply_final_layers(x)
 
 
-class GPT2(Transformer):
-    """OpenAI GPT-2: pre-LayerNorm blocks, learned positions, a final LayerNorm, causal attention
-    and the output projection tied to the token embeddings."""
+class GPT(Transformer):
+    """OpenAI GPT (GPT-1): BERT's post-LayerNorm blocks without segments or an embedding norm,
+    learned positions, causal attention, and the output tied to the token embeddings. Besides
+    Hugging Face's layout it reads BERT-named checkpoints of this network (as bert4keras read
+    CDial-GPT)."""
 
-    family = "gpt2"
-    pre_norm = True
+    family = "gpt"
     default_application = "lm"
 
     def __init__(self, intermediate_size=None, hidden_act="gelu_new", segment_vocab_size=0,
@@ -559,13 +560,27 @@ class GPT2(Transformer):
                           name="Embedding-Dropout")
 
     def apply_final_layers(self, x):
-        x = self.apply_norm(x, "Output-Norm")
-        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Output-Dropout")
+        return self.apply_lm(x)
+
+    def apply_lm(self, x):
+        """Next-token probabilities (or logits with with_lm='linear') from the tied embeddings."""
         if not self.with_lm:
             return x
         x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
         activation = "softmax" if self.with_lm is True else self.with_lm
         return self.apply(x, L.Activation, activation=activation, name="LM-Activation")
+
+
+class GPT2(GPT):
+    """OpenAI GPT-2: GPT with pre-LayerNorm blocks and a final LayerNorm."""
+
+    family = "gpt2"
+    pre_norm = True
+
+    def apply_final_layers(self, x):
+        x = self.apply_norm(x, "Output-Norm")
+        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Output-Dropout")
+        return self.apply_lm(x)
 
 
 class T5Base(Transformer):
@@ -744,7 +759,7 @@ class T5_1_1(T5):
     default_version = "t5.1.1"
 
 
-MODELS = {"bert": BERT, "gpt2": GPT2, "t5": T5, "t5.1.0": T5, "t5.1.1": T5_1_1,
+MODELS = {"bert": BERT, "gpt": GPT, "gpt2": GPT2, "t5": T5, "t5.1.0": T5, "t5.1.1": T5_1_1,
           "mt5.1.1": T5_1_1, "t5_encoder": T5Encoder, "t5_decoder": T5Decoder}
 MODELS.update({
     "roberta": RoBERTa, "albert": ALBERT, "albert_unshared": ALBERT_Unshared, "nezha": NEZHA,

@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import struct
 
 import regex
 
@@ -572,29 +573,78 @@ def shard_instances(task):
 def write_shard(task):
     """Create one shard's instances and write them to task.path (via a temporary name, so a
     shard file is whole or absent). Returns (index, examples, tokens, masked tokens)."""
-    import tensorflow as tf  # only here: worker processes need nothing else from it
-
     instances, vocab = shard_instances(task)
     partial = task.path + ".partial"
     tokens = predictions = 0
-    with tf.io.TFRecordWriter(partial) as writer:
+    with open(partial, "wb") as f:
         for instance in instances:
-            writer.write(serialize_example(tf, padded_features(instance, task.settings, vocab.pad_id)))
+            f.write(tfrecord(encode_example(padded_features(instance, task.settings, vocab.pad_id))))
             tokens += len(instance["input_ids"])
             predictions += len(instance.get("masked_lm_positions", ()))
     os.replace(partial, task.path)
     return task.index, len(instances), tokens, predictions
 
 
-def serialize_example(tf, features):
-    def feature(name, values):
-        if name == "masked_lm_weights":
-            return tf.train.Feature(float_list=tf.train.FloatList(value=values))
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+# TFRecord files of tf.train.Example protos, written without TensorFlow: a worker process that
+# imported TensorFlow would spend seconds on the import alone. Formats: TFRecord is
+# (length u64, masked crc32c of length, data, masked crc32c of data); an Example is the protobuf
+# Example{features: Features{map<string, Feature>}} with packed Int64List / FloatList values.
 
-    example = tf.train.Example(features=tf.train.Features(
-        feature={name: feature(name, values) for name, values in features.items()}))
-    return example.SerializeToString()
+
+def _crc32c_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data):
+    crc, table = 0xFFFFFFFF, CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data):
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data):
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def _varint(value):
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number, payload):
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_example(features):
+    """A serialized tf.train.Example: masked_lm_weights as floats, everything else int64."""
+    entries = b""
+    for name, values in features.items():
+        if name == "masked_lm_weights":
+            feature = _field(2, _field(1, struct.pack(f"<{len(values)}f", *values)))
+        else:
+            feature = _field(3, _field(1, b"".join(_varint(v) for v in values)))
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))
+    return _field(1, entries)
 
 
 def document_chunks(paths, documents_per_shard, document_format="auto"):

@@ -44,6 +44,19 @@ def gpt2():
          logits=out.logits.numpy(), hidden=out.hidden_states[-1].numpy())
 
 
+def gpt():
+    config = transformers.OpenAIGPTConfig(
+        vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = transformers.OpenAIGPTLMHeadModel(config).eval()
+    token_ids = np.random.default_rng(2).integers(0, 100, size=(2, 12))
+    with torch.no_grad():
+        out = model(torch.tensor(token_ids), output_hidden_states=True)
+    save("gpt", model, token_ids=token_ids.astype(np.int32),
+         logits=out.logits.numpy(), hidden=out.hidden_states[-1].numpy())
+
+
 def t5(folder, gated):
     config = transformers.T5Config(
         vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -72,5 +85,6 @@ def t5(folder, gated):
 if __name__ == "__main__":
     torch.manual_seed(0)
     gpt2()
+    gpt()
     t5("t5", gated=False)
     t5("t5.1.1", gated=True)

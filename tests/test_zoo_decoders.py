@@ -170,3 +170,62 @@ def test_t5_round_trips(family, tmp_path):
     reloaded = build_transformer_model(checkpoint_path=tmp_path / "ckpt" / "model.ckpt",
                                        model=family, **config)
     np.testing.assert_array_equal(reloaded.predict(inputs, verbose=0), expected)
+
+
+# -- GPT (GPT-1) --------------------------------------------------------------------------------
+
+
+def bert_named_gpt(hf_weights):
+    """HF OpenAIGPT weights -> the network in BERT's names, fused q/k/v split apart."""
+    parts = {"ln_1": "attention/output/LayerNorm", "ln_2": "output/LayerNorm",
+             "attn.c_proj": "attention/output/dense", "mlp.c_fc": "intermediate/dense",
+             "mlp.c_proj": "output/dense"}
+    variables = {}
+    for name, value in hf_weights.items():
+        name = name.removeprefix("transformer.")
+        if name == "tokens_embed.weight":
+            variables["bert/embeddings/word_embeddings"] = value
+            continue
+        if name == "positions_embed.weight":
+            variables["bert/embeddings/position_embeddings"] = value
+            continue
+        block, module, kind = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name).groups()
+        scope = f"bert/encoder/layer_{block}"
+        if module == "attn.c_attn":
+            for piece, part in zip(np.split(value, 3, axis=-1), ["query", "key", "value"]):
+                variables[f"{scope}/attention/self/{part}/{'kernel' if kind == 'weight' else 'bias'}"] = piece
+            continue
+        norm = module.startswith("ln_")
+        suffix = ("gamma" if kind == "weight" else "beta") if norm else \
+            ("kernel" if kind == "weight" else "bias")
+        variables[f"{scope}/{parts[module]}/{suffix}"] = value
+    return variables
+
+
+def test_gpt_matches_transformers_from_both_layouts(tmp_path):
+    expected = np.load(ZOO / "gpt" / "expected.npz")
+    model = build_transformer_model(ZOO / "gpt" / "config.json", ZOO / "gpt", model="gpt",
+                                    with_lm="linear")
+    assert np.abs(model.predict(expected["token_ids"], verbose=0) - expected["logits"]).max() \
+        <= 1e-4
+    write_tf_checkpoint(tmp_path / "bert_model.ckpt",
+                        bert_named_gpt(load_file(ZOO / "gpt" / "model.safetensors")))
+    model = build_transformer_model(ZOO / "gpt" / "config.json", tmp_path / "bert_model.ckpt",
+                                    model="gpt", with_lm=False)
+    assert np.abs(model.predict(expected["token_ids"], verbose=0) - expected["hidden"]).max() \
+        <= 1e-4
+
+
+def test_gpt_round_trips(tmp_path):
+    config = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position=64)
+    gpt = build_transformer_model(model="gpt", return_keras_model=False, **config)
+    ids = np.array([[5, 6, 7, 8]])
+    expected = gpt.model.predict(ids, verbose=0)
+    gpt.model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(ids, verbose=0), expected)
+    gpt.save_weights_as_checkpoint(tmp_path / "ckpt" / "model.ckpt")
+    reloaded = build_transformer_model(checkpoint_path=tmp_path / "ckpt" / "model.ckpt",
+                                       model="gpt", **config)
+    np.testing.assert_array_equal(reloaded.predict(ids, verbose=0), expected)
