@@ -762,7 +762,8 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
         names = {n: n for n in reader.shapes}
         ignored = IGNORED_GOOGLE
         if FAMILIES[family].google_ignored is not None:
-            ignored = re.compile(f"{IGNORED_GOOGLE.pattern}|{FAMILIES[family].google_ignored.pattern}")
+            other = FAMILIES[family].google_ignored.pattern
+            ignored = re.compile(f"{IGNORED_GOOGLE.pattern}|{other}")
     weights = {_strip(w.path, prefix): w for w in model.weights}
 
     assignments, missing, mismatched = [], [], []

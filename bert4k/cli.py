@@ -2,6 +2,8 @@
 
     bert4k fetch-minilm                  fetch the demo MiniLM checkpoint, print its directory
     bert4k convert SRC DST --config C    convert between a Google checkpoint and safetensors
+    bert4k prepare --input F --output D  raw text -> TFRecord shards for pretraining
+    bert4k pretrain --data D --output O  pretrain or continue pretraining (resumable)
 """
 
 import argparse
@@ -47,6 +49,16 @@ def build_parser():
     p.add_argument("--with-nsp", action="store_true")
     p.add_argument("--with-mlm", action="store_true")
     p.set_defaults(func=convert)
+
+    import pretraining  # argparse options only; the commands import TensorFlow when they run
+
+    p = commands.add_parser("prepare", help=pretraining.PREPARE_HELP)
+    pretraining.add_prepare_arguments(p)
+    p.set_defaults(func=pretraining.run_prepare)
+
+    p = commands.add_parser("pretrain", help=pretraining.PRETRAIN_HELP)
+    pretraining.add_pretrain_arguments(p)
+    p.set_defaults(func=pretraining.run_pretrain)
 
     return parser
 

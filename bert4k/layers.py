@@ -752,6 +752,7 @@ class ConditionalRandomField(keras.layers.Layer):
         """Keras loss: as `sparse_loss`, y_true one-hot [batch, length, num_labels]."""
         return CRFLoss(self, one_hot=True)
 
+    # The accuracies need only the scores: plain registered functions, serializable as they are.
     sparse_accuracy = staticmethod(sparse_accuracy)
     dense_accuracy = staticmethod(dense_accuracy)
 
@@ -841,12 +842,13 @@ class CRFLoss(keras.losses.Loss):
     def from_config(cls, config):
         config = dict(config)
         name = config.pop("crf")
-        if name not in _LOADED_CRFS:
+        crf = _LOADED_CRFS.get(name)
+        if crf is None:
             raise ValueError(
                 f"A CRF loss for layer {name!r} loads only with its model "
                 "(keras.models.load_model); elsewhere, compile with the layer's sparse_loss again."
             )
-        return cls(_LOADED_CRFS[name], **config)
+        return cls(crf, **config)
 
 
 @register

@@ -423,11 +423,13 @@ class NEZHA(BERT):
     def __init__(self, max_relative_position=64, use_relative_position=True, **kwargs):
         super().__init__(**kwargs)
         if not use_relative_position:
-            raise ValueError("NEZHA without relative positions is BERT: build it with model='bert'.")
+            raise ValueError("NEZHA without relative positions is BERT: build it with "
+                             "model='bert'.")
         if self.attention_key_size != self.attention_head_size:
             raise ValueError(
-                f"NEZHA adds one relative embedding to keys and values: attention_key_size="
-                f"{self.attention_key_size} must equal attention_head_size={self.attention_head_size}."
+                "NEZHA adds one relative embedding to keys and values: attention_key_size="
+                f"{self.attention_key_size} must equal attention_head_size="
+                f"{self.attention_head_size}."
             )
         self.max_relative_position = max_relative_position
 

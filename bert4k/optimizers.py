@@ -328,7 +328,7 @@ class AdaFactor(keras.optimizers.Optimizer):
 # --------------------------------------------------------------------------------------------
 
 # What an extension may look at when it rewrites one variable's update.
-UpdateStep = collections.namedtuple("UpdateStep", "gradient variable old_value learning_rate")
+_UpdateStep = collections.namedtuple("_UpdateStep", "gradient variable old_value learning_rate")
 
 
 class _ExtensibleOptimizer:
@@ -359,7 +359,7 @@ class _ExtensibleOptimizer:
         old_value = ops.copy(ops.convert_to_tensor(variable))
         super().update_step(gradient, variable, learning_rate)
         proposed = ops.convert_to_tensor(variable)
-        step = UpdateStep(gradient, variable, old_value, learning_rate)
+        step = _UpdateStep(gradient, variable, old_value, learning_rate)
         new_value = self._transform_update(step, proposed)
         if new_value is not proposed:
             self.assign(variable, new_value)

@@ -35,7 +35,8 @@ def build_char_vocab(texts, min_count=3):
 
 
 def argument_parser(doc, epochs, batch_size, maxlen, limit=None, learning_rate=None):
-    """The options every task example takes, with its own defaults."""
+    """The options every task example takes, with its own defaults (learning_rate: the one to
+    train random weights with; from a checkpoint it is 5e-5 unless --learning-rate says)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", default=str(SMALL_CONFIG), help="bert_config.json / config.json")
     parser.add_argument("--checkpoint", help="checkpoint to start from (default: none, random weights)")
@@ -45,9 +46,10 @@ def argument_parser(doc, epochs, batch_size, maxlen, limit=None, learning_rate=N
     parser.add_argument("--maxlen", type=int, default=maxlen, help="tokens per input")
     parser.add_argument("--limit", type=int, default=limit,
                         help="use at most this many training examples (and a tenth as many to test)")
-    parser.add_argument("--learning-rate", type=float, default=learning_rate,
-                        help="default: 1e-3 from random weights, 5e-5 from a checkpoint")
+    parser.add_argument("--learning-rate", type=float, help="default: %s from random weights, "
+                        "5e-5 from a checkpoint" % (learning_rate or 3e-4))
     parser.add_argument("--seed", type=int, default=42)
+    parser.set_defaults(scratch_learning_rate=learning_rate or 3e-4)
     return parser
 
 
@@ -55,7 +57,7 @@ def setup(args):
     """Seed everything; return the tokenizer."""
     keras.utils.set_random_seed(args.seed)
     if args.learning_rate is None:
-        args.learning_rate = 5e-5 if args.checkpoint else 1e-3
+        args.learning_rate = 5e-5 if args.checkpoint else args.scratch_learning_rate
     return Tokenizer(args.vocab, do_lower_case=True)
 
 

@@ -63,21 +63,28 @@ def split_sentences(text):
     return [s for s in sentences if s]
 
 
+def text_lines(path):
+    """Yield (line, bytes read so far) of a UTF-8 file; a decoding error names the file."""
+    consumed = 0
+    try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            for line in f:
+                consumed += len(line.encode("utf-8"))
+                yield line, consumed
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}).") from None
+
+
 def detect_format(path):
     """'blank_lines' when the file has a blank line between text lines (Google's format: one
     sentence a line, documents separated by blank lines), else 'lines' (one document a line)."""
     seen_text = False
-    with open_text(path) as f:
-        for line in f:
-            if line.strip():
-                seen_text = True
-            elif seen_text:
-                return "blank_lines"
+    for line, _ in text_lines(path):
+        if line.strip():
+            seen_text = True
+        elif seen_text:
+            return "blank_lines"
     return "lines"
-
-
-def open_text(path):
-    return open(path, encoding="utf-8", errors="strict")
 
 
 def iter_documents(path, document_format="auto"):
@@ -91,21 +98,16 @@ def iter_documents(path, document_format="auto"):
     if document_format not in ("blank_lines", "lines"):
         raise ValueError(f"document_format must be 'auto', 'blank_lines' or 'lines', got {document_format!r}.")
     document, consumed = [], 0
-    try:
-        with open_text(path) as f:
-            for line in f:
-                consumed += len(line.encode("utf-8"))
-                line = line.strip()
-                if document_format == "lines":
-                    if line:
-                        yield split_sentences(line), consumed
-                elif line:
-                    document.append(line)
-                elif document:
-                    yield document, consumed
-                    document = []
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}).") from None
+    for line, consumed in text_lines(path):
+        line = line.strip()
+        if document_format == "lines":
+            if line:
+                yield split_sentences(line), consumed
+        elif line:
+            document.append(line)
+        elif document:
+            yield document, consumed
+            document = []
     if document:
         yield document, consumed
 
@@ -200,6 +202,8 @@ class TextEncoder:
         token_ids, starts = [], []
         for word in self.word_segment(sentence):
             ids = self.word_ids(word.strip())
+            if not ids:  # a segmenter may return spaces
+                continue
             token_ids.extend(ids)
             starts.extend([True] + [False] * (len(ids) - 1))
         return token_ids, starts

@@ -24,7 +24,7 @@ import time
 import keras
 from keras import ops
 
-from bert4k import optimizers
+from bert4k import configs, optimizers
 from bert4k.checkpoints import save_weights_as_checkpoint, save_weights_as_safetensors
 from bert4k.models import build_transformer_model
 from pretraining import data_utils
@@ -48,20 +48,31 @@ LOG_FILE = "train_log.jsonl"
 # ---------------------------------------------------------------------------------------------------
 
 
-def model_config(config, vocab_size, max_seq_length):
-    """A Google bert_config dict from a size name ('tiny' ... 'base'), a bert_config.json path or
-    a dict of Google keys; vocab_size comes from the data when the config has none."""
+def base_config(config):
+    """Google bert_config keys from a size name ('tiny' ... 'base'), a bert_config.json path or
+    a dict, with Google's defaults for what it leaves out."""
     if isinstance(config, str) and config in MODEL_SIZES:
         layers, hidden, heads = MODEL_SIZES[config]
         config = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                       intermediate_size=4 * hidden)
     elif isinstance(config, (str, os.PathLike)):
+        if not os.path.isfile(config):
+            raise ValueError(f"config {config!r} is neither a size {sorted(MODEL_SIZES)} nor a file.")
         with open(config, encoding="utf-8") as f:
             config = json.load(f)
     elif not isinstance(config, dict):
         raise TypeError(f"config must be a size name {sorted(MODEL_SIZES)}, a bert_config.json "
                         f"path or a dict, got {config!r}.")
-    config = {**GOOGLE_DEFAULTS, "vocab_size": vocab_size, **config}
+    # A Hugging Face config.json (continuing a released model) brings metadata we do not write.
+    config = {key: value for key, value in config.items() if key not in configs.METADATA_KEYS
+              and (key, value) != ("position_embedding_type", "absolute")}
+    return {**GOOGLE_DEFAULTS, **config}
+
+
+def model_config(config, vocab_size, max_seq_length):
+    """base_config checked against the data: vocab_size comes from the data when not given."""
+    config = base_config(config)
+    config.setdefault("vocab_size", vocab_size)
     if config["vocab_size"] != vocab_size:
         raise ValueError(f"the model's vocab_size={config['vocab_size']} differs from the data's "
                          f"vocabulary ({vocab_size} tokens): prepare the data with the model's vocab.txt.")
@@ -71,14 +82,20 @@ def model_config(config, vocab_size, max_seq_length):
     return config
 
 
-def huggingface_config(config, pad_id):
-    """config.json for transformers' BertForPreTraining / BertForMaskedLM."""
+# The transformers class that holds each objective's heads (UniLM's attention mask has none).
+HF_ARCHITECTURES = {"mlm": "BertForMaskedLM", "mlm_nsp": "BertForPreTraining",
+                    "gpt": "BertLMHeadModel", "unilm": "BertForMaskedLM"}
+
+
+def huggingface_config(config, pad_id, objective):
+    """config.json for transformers (BertForMaskedLM / BertForPreTraining / BertLMHeadModel)."""
     hf = {key: config[key] for key in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
         "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
         "max_position_embeddings", "type_vocab_size", "initializer_range")}
-    return dict(architectures=["BertForPreTraining"], model_type="bert", layer_norm_eps=1e-12,
-                pad_token_id=pad_id, **hf)
+    extra = {"is_decoder": True} if objective == "gpt" else {}
+    return dict(architectures=[HF_ARCHITECTURES[objective]], model_type="bert",
+                layer_norm_eps=1e-12, pad_token_id=pad_id, **extra, **hf)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,11 +143,17 @@ def token_term(labels, logits, weights):
     return tf.reduce_sum(losses * weights), tf.reduce_sum(weights), tf.reduce_sum(hits * weights)
 
 
-class MaskedLM:
-    """RoBERTa-style masked LM: the loss only at the masked positions."""
+class Objective:
+    """What an objective needs from the model. Every model has the MLM head (the LM head of GPT
+    and UniLM too, as in bert4keras) and the pooler, so any checkpoint loads with with_mlm=True
+    or with_pool=True (the pooler is trained only by NSP)."""
 
     application = "encoder"
-    heads = dict(with_pool=True, with_mlm=True)  # the pooler too, so with_pool=True fine-tunes load
+    heads = dict(with_pool=True, with_mlm=True)
+
+
+class MaskedLM(Objective):
+    """RoBERTa-style masked LM: the loss only at the masked positions."""
 
     def training_model(self, model):
         positions = keras.Input((None,), dtype="int32", name="Input-Masked-Positions")
@@ -167,11 +190,10 @@ class MaskedLMWithNSP(MaskedLM):
         return {**super().terms(batch, outputs), "nsp": nsp}
 
 
-class CausalLM:
+class CausalLM(Objective):
     """GPT: every position predicts the next token (causal attention)."""
 
     application = "lm"
-    heads = dict(with_mlm="linear")
 
     def training_model(self, model):
         return keras.Model(model.inputs, [mlm_logits(model, sequence_output(model))])
@@ -201,12 +223,14 @@ class Seq2SeqLM(CausalLM):
 OBJECTIVES = {"mlm": MaskedLM, "mlm_nsp": MaskedLMWithNSP, "gpt": CausalLM, "unilm": Seq2SeqLM}
 
 
-def build_models(config_path, objective, init_checkpoint=None, ignore_invalid_weights=False):
-    """(builder, training model): the builder's Keras model has every head, for saving; the
-    training model shares its layers and outputs what the objective's loss reads."""
+def build_models(config, objective, init_checkpoint=None, ignore_invalid_weights=False):
+    """(builder, training model) from a Google bert_config dict: the builder's Keras model has
+    every head, for saving; the training model shares its layers and outputs what the
+    objective's loss reads."""
     transformer = build_transformer_model(
-        config_path, init_checkpoint, application=objective.application,
-        return_keras_model=False, ignore_invalid_weights=ignore_invalid_weights, **objective.heads)
+        None, init_checkpoint, application=objective.application, return_keras_model=False,
+        ignore_invalid_weights=ignore_invalid_weights, **objective.heads,
+        **configs.config_to_arguments(config, "bert"))
     return transformer, objective.training_model(transformer.model)
 
 
@@ -356,11 +380,11 @@ class Trainer:
             raise ValueError(f"batch_size={settings.batch_size} is not a multiple of the "
                              f"{self.strategy.num_replicas_in_sync} replicas.")
         os.makedirs(output_dir, exist_ok=True)
-        config_path = self.write_configs()
+        self.write_config()
         keras.utils.set_random_seed(settings.seed)
         with self.strategy.scope():
             self.transformer, self.train_model = build_models(
-                config_path, self.objective, init_checkpoint, ignore_invalid_weights)
+                self.config, self.objective, init_checkpoint, ignore_invalid_weights)
             self.optimizer = make_optimizer(settings)
             self.optimizer.build(self.train_model.trainable_variables)
         self.micro_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="micro_steps")
@@ -373,29 +397,39 @@ class Trainer:
 
     # -- files --------------------------------------------------------------------------------
 
-    def write_configs(self):
-        """bert_config.json (what the builder reads, now and at export) in the output directory."""
+    def write_config(self):
+        """bert_config.json in the output directory (the chief's job); a run to resume must
+        have been started with the same model."""
         path = os.path.join(self.output_dir, "bert_config.json")
+        if os.path.isdir(os.path.join(self.output_dir, CHECKPOINT_DIR)) and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+            if previous != self.config:
+                changed = sorted(k for k in set(previous) | set(self.config)
+                                 if previous.get(k) != self.config.get(k))
+                raise ValueError(f"{self.output_dir!r} holds checkpoints of another model "
+                                 f"(differing in {changed}); resume with the same config or use a "
+                                 "new output directory.")
         if self.is_chief:
-            data_utils.write_json_atomic(path, self.config)
-            return path
-        private = os.path.join(self.output_dir, f".worker-{self.task_id}")
-        os.makedirs(private, exist_ok=True)
-        data_utils.write_json_atomic(os.path.join(private, "bert_config.json"), self.config)
-        return os.path.join(private, "bert_config.json")
+            data_utils.write_json_atomic(os.path.join(self.output_dir, "bert_config.json"), self.config)
 
     def checkpoint_write_dir(self):
-        """The chief's checkpoints are the real ones; other workers must save too (collectives)
-        but into a private directory, deleted afterwards."""
+        """The chief's checkpoints are the real ones; the other workers must save too (saving
+        may run collectives) but into a private directory, deleted after each save."""
         if self.is_chief:
             return os.path.join(self.output_dir, CHECKPOINT_DIR)
-        return os.path.join(self.output_dir, f".worker-{self.task_id}", CHECKPOINT_DIR)
+        return os.path.join(self.output_dir, f".worker-{self.task_id}")
 
     def restore(self):
         """Resume from the chief's last complete checkpoint; returns the update step."""
         import tensorflow as tf
 
-        latest = tf.train.latest_checkpoint(os.path.join(self.output_dir, CHECKPOINT_DIR))
+        directory = os.path.join(self.output_dir, CHECKPOINT_DIR)
+        if self.is_chief and os.path.isdir(directory):
+            for name in os.listdir(directory):  # a save killed midway leaves its *_temp folder
+                if name.endswith("_temp"):
+                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        latest = tf.train.latest_checkpoint(directory)
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
         return int(self.micro_steps.numpy()) // self.settings.grad_accum_steps
@@ -411,7 +445,8 @@ class Trainer:
             return
         out = self.output_dir
         data_utils.write_json_atomic(os.path.join(out, "config.json"),
-                                     huggingface_config(self.config, self.info["pad_id"]))
+                                     huggingface_config(self.config, self.info["pad_id"],
+                                                        self.info["settings"].objective))
         shutil.copyfile(os.path.join(self.data_dir, self.info["vocab_file"]), os.path.join(out, "vocab.txt"))
         save_weights_as_checkpoint(self.transformer, os.path.join(out, "bert_model.ckpt"))
         save_weights_as_safetensors(self.transformer, os.path.join(out, "model.safetensors"))
@@ -452,9 +487,11 @@ class Trainer:
                 statistics.update({f"{name}_sum": total, f"{name}_count": count, f"{name}_hits": hits})
             return statistics
 
-        @tf.function
+        # No autograph: nothing here branches on tensors, and converting the code costs seconds.
+        @tf.function(autograph=False)
         def train_step(iterator, stop):
-            statistics = strategy.run(replica_step, args=(next(iterator), stop))
+            step = tf.autograph.experimental.do_not_convert(replica_step)
+            statistics = strategy.run(step, args=(next(iterator), stop))
             return {name: strategy.reduce("SUM", value, axis=None) for name, value in statistics.items()}
 
         return train_step

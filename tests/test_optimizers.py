@@ -7,7 +7,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -17,7 +16,8 @@ from bert4k import optimizers as O
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
-requires_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow", reason="needs the TensorFlow backend")
+requires_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow",
+                                         reason="needs the TensorFlow backend")
 
 # ------------------------------------------------------------------------------------------
 # Variables with bert4keras-style paths, fixed gradients, and NumPy reference updates
@@ -89,9 +89,14 @@ def numpy_run(initial, gradients, step_fn):
 
 def assert_histories_close(actual, expected, atol=1e-6):
     for step, (got_step, want_step) in enumerate(zip(actual, expected)):
+        assert len(got_step) == len(want_step)
         for index, (got, want) in enumerate(zip(got_step, want_step)):
             np.testing.assert_allclose(got, want, atol=atol, rtol=1e-5,
                                        err_msg=f"step {step}, variable {index}")
+
+
+def assert_same_values(variables, reference_variables, atol=1e-6):
+    assert_histories_close([values(variables)], [values(reference_variables)], atol=atol)
 
 
 # ------------------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ def test_piecewise_linear_lr_scales_each_update_by_the_multiplier_at_its_update_
     variable = keras.Variable(np.zeros(2, "float32"))
     multipliers = [0.0, 0.5, 1.0, 0.75, 0.5, 0.5]  # at updates 0..5
     expected = np.zeros(2)
-    for step, multiplier in enumerate(multipliers):
+    for multiplier in multipliers:
         assert float(optimizer.learning_rate) == pytest.approx(0.1 * multiplier)
         optimizer.apply([np.ones(2, "float32")], [variable])
         expected -= 0.1 * multiplier
@@ -166,7 +171,8 @@ def test_adam_sums_repeated_rows_of_a_sparse_gradient_before_squaring():
     embedding = keras.Variable(np.ones((4, 2), "float32"))
     rows = np.array([[1.0, 2.0], [-3.0, 4.0], [0.5, 0.5]], "float32")
     sparse = tf.IndexedSlices(tf.constant(rows), tf.constant([0, 0, 2]), tf.constant([4, 2]))
-    O.Adam(learning_rate=0.1, beta_1=0.5).apply([sparse], [embedding])  # Keras's Adam: 0.9 + ...
+    # Row 0 appears twice: its second moment must be (1 - 3)**2, not 1**2 + 3**2.
+    O.Adam(learning_rate=0.1, beta_1=0.5).apply([sparse], [embedding])
 
     summed = np.zeros((4, 2))
     np.add.at(summed, [0, 0, 2], rows)
@@ -338,13 +344,14 @@ def test_parameter_wise_lr_multiplies_each_variables_step():
     initial, gradients = values(variables), fixed_gradients(variables)
     lr = 0.01
     ParamwiseAdam = O.extend_with_parameter_wise_lr(O.Adam, name="TestParamwiseAdam")
-    optimizer = ParamwiseAdam(learning_rate=lr, paramwise_lr_schedule={"Norm": 0.5, "kernel": 4.0,
-                                                                        "FeedForward-Norm/gamma": 3.0})
+    schedule = {"Norm": 0.5, "kernel": 4.0, "FeedForward-Norm/gamma": 3.0}
+    optimizer = ParamwiseAdam(learning_rate=lr, paramwise_lr_schedule=schedule)
     history = apply_steps(optimizer, variables, gradients)
 
     adams = [NumpyAdam(lr) for _ in variables]
     multipliers = [4.0, 1.0, 1.5, 0.5]  # kernel, bias, Norm gamma (0.5 * 3), Norm beta
-    expected = numpy_run(initial, gradients, lambda i, x, g, t: x + multipliers[i] * adams[i].delta(g, t))
+    expected = numpy_run(initial, gradients,
+                         lambda i, x, g, t: x + multipliers[i] * adams[i].delta(g, t))
     assert_histories_close(history, expected)
 
 
@@ -412,7 +419,8 @@ def loss_and_gradients(model, tokens, targets):
         import jax
 
         def loss_of(trainable):
-            outputs, _ = model.stateless_call(trainable, [v.value for v in model.non_trainable_variables], tokens)
+            non_trainable = [v.value for v in model.non_trainable_variables]
+            outputs, _ = model.stateless_call(trainable, non_trainable, tokens)
             return loss_fn(targets, outputs)
 
         return jax.grad(loss_of)([v.value for v in model.trainable_variables])
@@ -421,9 +429,10 @@ def loss_and_gradients(model, tokens, targets):
     return [v.value.grad.clone() for v in model.trainable_variables]
 
 
-def test_gradient_accumulation_in_a_custom_loop_counts_real_updates():
+@pytest.mark.parametrize("steps", [2, 4])
+def test_gradient_accumulation_in_a_custom_loop_counts_real_updates(steps):
     tokens, targets = regression_data()
-    steps, micro_batch = 2, 4
+    micro_batch = 8 // steps
     accumulating, plain = accumulating_and_plain_optimizers(steps)
     results = []
     for optimizer, batch_size in [(accumulating, micro_batch), (plain, micro_batch * steps)]:
@@ -541,11 +550,11 @@ def test_keras_file_restores_class_config_and_state(tmp_path):
 
     assert type(loaded.optimizer) is type(optimizer)
     assert loaded.optimizer.get_config() == optimizer.get_config()
-    assert_histories_close([values(loaded.optimizer.variables)], [values(optimizer.variables)], atol=0)
+    assert_same_values(loaded.optimizer.variables, optimizer.variables, atol=0)
     # Restored state continues exactly as the original.
     train_steps(model, tokens[20:], targets[20:], steps=3)
     train_steps(loaded, tokens[20:], targets[20:], steps=3)
-    assert_histories_close([values(loaded.trainable_variables)], [values(model.trainable_variables)])
+    assert_same_values(loaded.trainable_variables, model.trainable_variables)
 
 
 @pytest.mark.tensorflow_only
@@ -564,12 +573,12 @@ def test_tf_checkpoint_restores_optimizer_state(tmp_path):
     fresh.compile(OptimizerClass(**ALL_ARGUMENTS), "mse")
     fresh.optimizer.build(fresh.trainable_variables)
     tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer).restore(path).assert_consumed()
-    assert_histories_close([values(fresh.optimizer.variables)], [values(model.optimizer.variables)], atol=0)
-    assert_histories_close([values(fresh.trainable_variables)], [values(model.trainable_variables)], atol=0)
+    assert_same_values(fresh.optimizer.variables, model.optimizer.variables, atol=0)
+    assert_same_values(fresh.trainable_variables, model.trainable_variables, atol=0)
 
 
 def sentiment_like_data(samples=128, length=12, seed=0):
-    """Label 1 when token 7 occurs: learnable by a 2-layer BERT in a few dozen updates."""
+    """Label 1 when token 7 occurs: a one-layer BERT learns it in a few dozen updates."""
     rng = np.random.RandomState(seed)
     tokens = rng.randint(10, 120, size=(samples, length)).astype("int32")
     labels = (np.arange(samples) % 2).astype("int32")

@@ -1,5 +1,5 @@
-"""Task heads: ConditionalRandomField, GlobalPointer, EfficientGlobalPointer, the Loss layer, and the
-multi-label cross-entropies they train with.
+"""Task heads: ConditionalRandomField, GlobalPointer, EfficientGlobalPointer, the Loss layer, and
+the multi-label cross-entropies they train with.
 
 Expectations are independent: brute force over every label path, the formulas written out in
 NumPy, or toy tasks that a correct head learns perfectly. Never the layers' own recorded outputs.
@@ -29,11 +29,12 @@ def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def padding_mask(lengths, max_length, left=None):
-    """[batch, max_length] of 0/1; row b has lengths[b] tokens, on the left unless left[b]."""
+def padding_mask(lengths, max_length, pad_left=None):
+    """[batch, max_length] of 0/1: row b has lengths[b] tokens, padded on the right, or on the
+    left where pad_left[b]."""
     mask = np.zeros((len(lengths), max_length), "int32")
     for row, length in enumerate(lengths):
-        if left is not None and left[row]:
+        if pad_left is not None and pad_left[row]:
             mask[row, max_length - length :] = 1
         else:
             mask[row, :length] = 1
@@ -67,7 +68,9 @@ def brute_force_nll(emissions, trans, gold):
     lr_multiplier=st.sampled_from([1, 4]),
     seed=st.integers(0, 2**16),
 )
-def test_crf_loss_is_log_partition_minus_gold_path(length, num_labels, mask_route, lr_multiplier, seed):
+def test_crf_loss_is_log_partition_minus_gold_path(
+    length, num_labels, mask_route, lr_multiplier, seed
+):
     rng = np.random.default_rng(seed)
     batch = 4
     emissions = rng.normal(scale=2.0, size=(batch, length, num_labels)).astype("float32")
@@ -87,15 +90,20 @@ def test_crf_loss_is_log_partition_minus_gold_path(length, num_labels, mask_rout
     trans = to_numpy(crf.trans).astype(np.float64)
 
     tokens = mask.astype(bool)
-    expected = [brute_force_nll(emissions[b][tokens[b]], trans, labels[b][tokens[b]]) for b in range(batch)]
+    expected = [
+        brute_force_nll(emissions[b][tokens[b]], trans, labels[b][tokens[b]]) for b in range(batch)
+    ]
     sparse = to_numpy(crf.negative_log_likelihood(labels, scores))
     one_hot = np.eye(num_labels, dtype="float32")[labels]
     dense = to_numpy(crf.negative_log_likelihood(one_hot, scores, one_hot=True))
     np.testing.assert_allclose(sparse, expected, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=1e-4)
     # The Keras loss objects average over the batch; labels may come as [batch, length, 1].
-    np.testing.assert_allclose(to_numpy(crf.sparse_loss(labels[..., None], scores)), np.mean(expected), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(to_numpy(crf.dense_loss(one_hot, scores)), np.mean(expected), rtol=1e-5, atol=1e-4)
+    batch_mean = np.mean(expected)
+    sparse_loss = to_numpy(crf.sparse_loss(labels[..., None], scores))
+    np.testing.assert_allclose(sparse_loss, batch_mean, rtol=1e-5, atol=1e-4)
+    dense_loss = to_numpy(crf.dense_loss(one_hot, scores))
+    np.testing.assert_allclose(dense_loss, batch_mean, rtol=1e-5, atol=1e-4)
 
 
 def test_crf_marks_padding_and_leaves_tokens_alone():
@@ -180,7 +188,9 @@ def toy_tagging_data(count, max_length, rng):
     for row in range(count):
         length = rng.integers(4, max_length + 1)
         tokens[row, 0] = CLS
-        tokens[row, 1:length] = rng.choice([MARK, 2, 3, 4, 5], size=length - 1, p=[0.25, 0.25, 0.25, 0.15, 0.1])
+        tokens[row, 1:length] = rng.choice(
+            [MARK, 2, 3, 4, 5], size=length - 1, p=[0.25, 0.25, 0.25, 0.15, 0.1]
+        )
         tags[row, :length] = toy_tags(tokens[row, :length])
     return tokens, tags
 
@@ -209,7 +219,7 @@ def test_crf_tagger_learns_a_transition_dependent_rule():
     assert emission_accuracy < 1.0
 
 
-# -- GlobalPointer ----------------------------------------------------------------------------------
+# -- GlobalPointer ---------------------------------------------------------------------------------
 
 GLOBAL_POINTERS = [GlobalPointer, EfficientGlobalPointer]
 
@@ -255,14 +265,18 @@ def efficient_global_pointer_numpy(layer, hidden):
 
 @pytest.mark.parametrize(
     "cls, reference",
-    [(GlobalPointer, global_pointer_numpy), (EfficientGlobalPointer, efficient_global_pointer_numpy)],
+    [
+        (GlobalPointer, global_pointer_numpy),
+        (EfficientGlobalPointer, efficient_global_pointer_numpy),
+    ],
 )
 def test_global_pointer_scores_equal_a_direct_rope_computation(cls, reference):
     hidden = np.random.default_rng(0).normal(size=(2, 7, 12)).astype("float32")
     layer = cls(heads=3, head_size=8)
     layer.build(hidden.shape)
     rng = np.random.default_rng(1)
-    layer.set_weights([rng.normal(scale=0.3, size=w.shape) for w in layer.get_weights()])  # biases too
+    # Random biases too: zero-initialised ones would go untested.
+    layer.set_weights([rng.normal(scale=0.3, size=w.shape) for w in layer.get_weights()])
     scores = to_numpy(layer(hidden))
     expected = reference(layer, hidden.astype(np.float64))
     upper = np.triu(np.ones((7, 7), bool))
@@ -300,7 +314,7 @@ def test_global_pointer_without_rope_ignores_position():
     assert not np.allclose(with_rope[0, 0, 0, 1], with_rope[0, 0, 0, 4])
 
 
-# -- GlobalPointer learns a span task ------------------------------------------------------------------
+# -- GlobalPointer learns a span task --------------------------------------------------------------
 
 # Type 0 spans run from token 1 to token 2, type 1 spans from token 3 to token 4; 5..9 are filler.
 SPAN_MARKERS = [(1, 2), (3, 4)]
@@ -334,7 +348,8 @@ def span_targets(spans, heads, max_length):
 def global_pointer_loss(y_true, y_pred):
     """Multi-label cross-entropy over all spans of one head, as bert4keras's examples train."""
     rows = ops.shape(y_pred)[0] * ops.shape(y_pred)[1]
-    return K.multilabel_categorical_crossentropy(ops.reshape(y_true, (rows, -1)), ops.reshape(y_pred, (rows, -1)))
+    y_true, y_pred = ops.reshape(y_true, (rows, -1)), ops.reshape(y_pred, (rows, -1))
+    return K.multilabel_categorical_crossentropy(y_true, y_pred)
 
 
 def span_f1(scores, spans):
@@ -358,7 +373,7 @@ def test_global_pointer_learns_marked_spans(cls):
     assert span_f1(to_numpy(model(x_test)), test_spans) == 1.0
 
 
-# -- multi-label cross-entropy --------------------------------------------------------------------------
+# -- multi-label cross-entropy ---------------------------------------------------------------------
 
 
 def multilabel_numpy(y_true, y_pred):
@@ -404,14 +419,15 @@ def test_sparse_multilabel_crossentropy_with_mask_zero_skips_class_zero():
         chosen = rng.permutation(np.arange(1, num_classes))[:count]
         positives[row, :count] = chosen
         y_true[row, chosen] = 1.0
-    sparse = to_numpy(K.sparse_multilabel_categorical_crossentropy(positives, y_pred, mask_zero=True))
+    sparse = K.sparse_multilabel_categorical_crossentropy(positives, y_pred, mask_zero=True)
+    sparse = to_numpy(sparse)
     expected = multilabel_numpy(y_true[:, 1:], y_pred[:, 1:])
     np.testing.assert_allclose(sparse, expected, rtol=1e-4, atol=1e-4)
     dense = to_numpy(K.multilabel_categorical_crossentropy(y_true[:, 1:], y_pred[:, 1:]))
     np.testing.assert_allclose(sparse, dense, rtol=1e-4, atol=1e-4)
 
 
-# -- Loss layer -----------------------------------------------------------------------------------------
+# -- Loss layer ------------------------------------------------------------------------------------
 
 
 @keras.saving.register_keras_serializable(package="bert4k_tests")
@@ -447,7 +463,7 @@ def test_loss_layer_selects_its_outputs():
         Loss()([np.zeros((1, 1)), np.zeros((1, 1))])
 
 
-# -- serialization --------------------------------------------------------------------------------------
+# -- serialization ---------------------------------------------------------------------------------
 
 
 LAYERS = [
@@ -492,10 +508,11 @@ def test_loss_layer_model_saves_and_loads(tmp_path):
     loaded = keras.models.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(to_numpy(loaded([x, y])), to_numpy(model([x, y])))
     assert isinstance(loaded.layers[-1], SquaredErrorLoss)
-    assert float(to_numpy(loaded.losses[0])) == pytest.approx(float(np.mean((y - to_numpy(model([x, y]))) ** 2)))
+    squared_error = np.mean((y - to_numpy(model([x, y]))) ** 2)
+    assert float(to_numpy(loaded.losses[0])) == pytest.approx(float(squared_error))
 
 
-# Saved before any training step, the optimizer has fewer variables than the one Keras builds on load.
+# Saved before a training step, the optimizer has fewer variables than the one Keras builds on load.
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_compiled_crf_model_saves_and_loads_with_its_loss(tmp_path):
     rng = np.random.default_rng(0)
@@ -514,10 +531,11 @@ def test_compiled_crf_model_saves_and_loads_with_its_loss(tmp_path):
     np.testing.assert_array_equal(to_numpy(loaded_crf.trans), to_numpy(crf.trans))
     scores = to_numpy(model(x))
     np.testing.assert_array_equal(to_numpy(loaded(x)), scores)
-    np.testing.assert_allclose(to_numpy(loaded.loss(y, scores)), to_numpy(model.loss(y, scores)), rtol=1e-6)
+    original_loss = to_numpy(model.loss(y, scores))
+    np.testing.assert_allclose(to_numpy(loaded.loss(y, scores)), original_loss, rtol=1e-6)
     # The loaded loss reads the loaded model's own transitions, not the original's.
     loaded_crf.set_weights([np.random.default_rng(1).normal(size=(3, 3))])
-    assert not np.allclose(to_numpy(loaded.loss(y, scores)), to_numpy(model.loss(y, scores)))
+    assert not np.allclose(to_numpy(loaded.loss(y, scores)), original_loss)
     # and fit trains them.
     before = to_numpy(loaded_crf.trans)
     loaded.fit(x, y, epochs=1, verbose=0)

@@ -164,7 +164,8 @@ HF_FAMILIES = {
     "roberta": ("roberta", dict(with_mlm="linear"),
                 {"sequence_output": ("input", "MLM-Dense"), "mlm_logits": ("output", 0)}),
     "albert": ("albert", dict(with_nsp=True, with_mlm="linear"),
-               {"sequence_output": ("input", "MLM-Dense"), "pooled_output": ("layer", "Pooler-Dense"),
+               {"sequence_output": ("input", "MLM-Dense"),
+                "pooled_output": ("layer", "Pooler-Dense"),
                 "sop_logits": ("output", 0), "mlm_logits": ("output", 1)}),
     "electra": ("electra", dict(with_discriminator="linear"),
                 {"sequence_output": ("input", "Discriminator-Dense"),
@@ -483,7 +484,8 @@ def roformer_v2(tmp_path_factory):
 
 
 def sequence_of(model, layer, inputs):
-    return keras.ops.convert_to_numpy(keras.Model(model.inputs, model.get_layer(layer).input)(inputs))
+    probe_model = keras.Model(model.inputs, model.get_layer(layer).input)
+    return keras.ops.convert_to_numpy(probe_model(inputs))
 
 
 def test_nezha_matches_numpy_relative_positions(nezha):
