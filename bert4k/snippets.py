@@ -847,13 +847,6 @@ def _pydataset_class():
     return DataGeneratorPyDataset
 
 
-def __getattr__(name):
-    # ``snippets.DataGeneratorPyDataset`` exists, but is only built (importing Keras) when first asked for.
-    if name == "DataGeneratorPyDataset":
-        return _pydataset_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Viterbi decoding
 # ----------------------------------------------------------------------------------------------------------
@@ -897,8 +890,11 @@ class ViterbiDecoder:
 
 
 def __getattr__(name):
-    # bert4keras scripts import AutoRegressiveDecoder from snippets; it lives in bert4k.decoding
-    # (beside the key/value cache), loaded lazily so importing snippets stays free of Keras.
+    # Both names import Keras, so they are built only when first asked for, keeping snippets light:
+    # DataGeneratorPyDataset subclasses keras.utils.PyDataset; bert4keras scripts import
+    # AutoRegressiveDecoder from snippets, but it lives in bert4k.decoding beside the key/value cache.
+    if name == "DataGeneratorPyDataset":
+        return _pydataset_class()
     if name == "AutoRegressiveDecoder":
         from bert4k.decoding import AutoRegressiveDecoder
 
