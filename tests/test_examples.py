@@ -126,3 +126,20 @@ def test_language_model(tiny):
     perplexity = example("task_language_model").main(tiny + ["--samples", "1", "房间"])
     # A barely trained model is close to uniform over the vocabulary, and no worse than that.
     assert math.isfinite(perplexity) and 1.0 < perplexity < 3 * TINY_CONFIG["vocab_size"]
+
+
+def test_main_job_pretrains_then_compares_with_random_init(tmp_path, capsys):
+    module = example("main_job")
+    argv = ["--output", str(tmp_path), "--pretrain-steps", "3", "--pretrain-batch-size", "4",
+            "--labels", "16", "--epochs", "1", "--batch-size", "8", "--maxlen", "16"]
+    results = module.main(argv)
+    model_dir = tmp_path / "model"
+    for name in ("bert_config.json", "vocab.txt", "bert_model.ckpt.index"):
+        assert (model_dir / name).exists(), name
+    assert results["pretraining"]["seconds"] > 0
+    for run in ("pretrained", "random"):
+        assert 0.0 <= results[run]["accuracy"] <= 1.0 and results[run]["tokens_per_sec"] > 0
+    table = capsys.readouterr().out
+    assert "fine-tune, pretrained" in table and str(model_dir) in table
+    # The same output again: pretraining is finished, so it is reused, not repeated.
+    assert module.main(argv)["pretraining"]["seconds"] is None
