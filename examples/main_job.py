@@ -39,9 +39,10 @@ SMALL_BERT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, i
 def argument_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/main_job", help="where data and model go")
-    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--pretrain-batch-size", type=int, default=32)
     parser.add_argument("--pretrain-length", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--pretrain-learning-rate", type=float, default=2e-3, help="peak")
     parser.add_argument("--labels", type=int, default=2000,
                         help="labelled training reviews to fine-tune on (0: all 16,883)")
     parser.add_argument("--epochs", type=int, default=3)
@@ -52,7 +53,7 @@ def argument_parser():
     return parser
 
 
-def prepare_data(output):
+def prepare_data(output, length):
     """Pretraining sequences from the training reviews' texts (one document a line)."""
     from pretraining import data_utils
 
@@ -63,9 +64,9 @@ def prepare_data(output):
     corpus = os.path.join(output, "sentiment_train_texts.txt")
     with open(corpus, "w", encoding="utf-8") as f:
         f.writelines(text.replace("\n", " ") + "\n" for text, _ in assets.read_sentiment("train"))
-    data_utils.prepare([corpus], data_dir, objective="mlm", max_seq_length=128,
-                       max_predictions_per_seq=20, min_count=2, documents_per_shard=2000,
-                       workers=min(os.cpu_count() or 1, 4))
+    data_utils.prepare([corpus], data_dir, objective="mlm", max_seq_length=length,
+                       max_predictions_per_seq=round(length * 0.15) + 1, min_count=2,
+                       documents_per_shard=2000, workers=min(os.cpu_count() or 1, 4))
     return data_dir
 
 
@@ -75,7 +76,8 @@ def pretrain(args, data_dir, model_dir):
 
     started = time.time()
     result = run_pretraining(SMALL_BERT, data_dir, model_dir, steps=args.pretrain_steps,
-                             batch_size=args.pretrain_batch_size, learning_rate=1e-3,
+                             batch_size=args.pretrain_batch_size,
+                             learning_rate=args.pretrain_learning_rate,
                              warmup_steps=args.pretrain_steps // 10, checkpoint_every=200,
                              log_every=50, seed=args.seed)
     if result["interrupted"]:
@@ -152,7 +154,7 @@ def main(argv=None):
     args = argument_parser().parse_args(argv)
     started = time.time()
     model_dir = os.path.join(args.output, "model")
-    pretraining = pretrain(args, prepare_data(args.output), model_dir)
+    pretraining = pretrain(args, prepare_data(args.output, args.pretrain_length), model_dir)
     train = labelled_subset(assets.read_sentiment("train"), args.labels, args.seed)
     test = assets.read_sentiment("test")
     with_pretraining = finetune(args, model_dir, True, train, test)
