@@ -60,6 +60,8 @@ class DecodingState:
     def write(self, buffer, new):
         keep = 1 - ops.sum(self.write_matrix, axis=1)
         placed = ops.einsum("bts,btnd->bsnd", ops.cast(self.write_matrix, new.dtype), new)
+        # The buffers stay float32 under a bf16 policy (the attention casts them back).
+        placed = ops.cast(placed, buffer.dtype)
         return buffer * ops.cast(keep, buffer.dtype)[:, :, None, None] + placed
 
     def attention_bias(self, mode, dtype="float32"):
@@ -130,6 +132,20 @@ class CachedStep(keras.Model):
         return dict(state.outputs(), probas=probas)
 
 
+def _step_model(transformer):
+    """One CachedStep per builder, kept on it between decoding calls: a new Keras model would
+    trace (or, on JAX, compile) its step function again on every call."""
+    if getattr(transformer, "cached_step", None) is None:
+        transformer.cached_step = CachedStep(transformer)
+    return transformer.cached_step
+
+
+def _bucket(size, cap=None):
+    """The next power of two >= size (at most `cap`)."""
+    bucket = 1 << max(int(size) - 1, 0).bit_length()
+    return min(bucket, cap) if cap else bucket
+
+
 def _right_padded(sequences):
     array = np.zeros((len(sequences), max(map(len, sequences))), "int32")
     for row, sequence in enumerate(sequences):
@@ -146,9 +162,17 @@ class KVCache:
         self.encoder = getattr(transformer, "encoder", None)
         self.transformer = getattr(transformer, "decoder_builder", transformer)
         self.max_length = max_length
-        self.step_model = CachedStep(self.transformer)
+        self.step_model = _step_model(self.transformer)
         self.buffers = None
         self.lengths = None
+        # JAX compiles one XLA program per input shape (seconds each), and beam search changes
+        # the number of rows as beams end. Rounding the rows and the prompt width up to powers
+        # of two bounds the programs to a handful; the extra rows and tokens are masked out.
+        # TensorFlow relaxes its traced shapes itself, and PyTorch runs eagerly.
+        self.bucketed = keras.backend.backend() == "jax"
+        # The buffers' slots too (max_length stays the capacity in use): a decoder sizes its
+        # cache from the longest prompt of each call.
+        self.slots = _bucket(max_length) if self.bucketed else max_length
 
     def start(self, token_ids, segment_ids=None, encoder_token_ids=None):
         """Run ragged prompts (lists of ids); returns each row's next-token distribution. An
@@ -161,6 +185,8 @@ class KVCache:
                 f"{self.max_length} slots."
             )
         width = int(self.lengths.max())
+        if self.bucketed:  # the padding's token_mask is 0: it writes no slot
+            width = _bucket(width, cap=self.max_length - 1)
         ids = np.zeros((batch, width), "int32")
         segments = np.zeros((batch, width), "int32")
         mask = np.zeros((batch, width), "float32")
@@ -171,8 +197,13 @@ class KVCache:
             mask[row, : len(sequence)] = 1
         self.buffers = self._empty_buffers(batch)
         if self.encoder is not None:
-            self.buffers["context"] = self.encoder.predict_on_batch(
-                _right_padded(encoder_token_ids))
+            encoder_ids = _right_padded(encoder_token_ids)
+            if self.bucketed:  # the encoder hides its padding (token id 0), from itself too
+                rows, length = encoder_ids.shape
+                encoder_ids = np.pad(encoder_ids,
+                                     [(0, _bucket(rows) - rows), (0, _bucket(length) - length)])
+            context = self.encoder.predict_on_batch(encoder_ids)
+            self.buffers["context"] = np.asarray(context)[:batch]
         positions = np.tile(np.arange(width, dtype="int32"), (batch, 1))
         return self._run(ids, segments, mask, positions, self.lengths - 1)
 
@@ -198,19 +229,26 @@ class KVCache:
     def _run(self, ids, segments, mask, positions, last):
         inputs = dict(self.buffers, token_ids=ids, segment_ids=segments, token_mask=mask,
                       positions=positions, last=np.asarray(last, "int32"))
+        rows = len(ids)
+        if self.bucketed:
+            # Extra rows of zeros: no token written, no slot valid; rows never mix, and the
+            # extra ones are dropped from the outputs below.
+            extra = _bucket(rows) - rows
+            inputs = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+                      for k, v in inputs.items()}
         outputs = self.step_model.predict_on_batch(inputs)
         context = self.buffers.get("context")
-        self.buffers = {k: np.asarray(v) for k, v in outputs.items() if k != "probas"}
+        self.buffers = {k: np.asarray(v)[:rows] for k, v in outputs.items() if k != "probas"}
         if context is not None:
             self.buffers["context"] = context
-        return np.asarray(outputs["probas"])
+        return np.asarray(outputs["probas"])[:rows]
 
     def _empty_buffers(self, batch):
         t = self.transformer
-        shape = (batch, self.max_length, t.num_attention_heads)
+        shape = (batch, self.slots, t.num_attention_heads)
         buffers = {
-            "valid": np.zeros((batch, self.max_length), "float32"),
-            "segments": np.zeros((batch, self.max_length), "float32"),
+            "valid": np.zeros((batch, self.slots), "float32"),
+            "segments": np.zeros((batch, self.slots), "float32"),
         }
         for index in range(t.num_hidden_layers):
             buffers[f"key_{index}"] = np.zeros(shape + (t.attention_key_size,), "float32")
