@@ -536,12 +536,25 @@ class Reader:
         raise NotImplementedError
 
 
+def _tensorflow(purpose):
+    """TensorFlow, needed (whatever the Keras backend) only for the Google checkpoint format; a
+    clear message where it is not installed: JAX or PyTorch users may not have it."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ImportError(
+            f"{purpose} needs TensorFlow, which is not installed: pip install tensorflow-cpu (any "
+            "Keras backend can then use it), or use a Hugging Face model.safetensors instead."
+        ) from None
+    return tf
+
+
 class GoogleReader(Reader):
     layout = "google"
 
     def __init__(self, prefix):
         super().__init__(prefix)
-        import tensorflow as tf
+        tf = _tensorflow(f"Reading the Google (TF) checkpoint {prefix!r}")
 
         self._errors = tf.errors.OpError
         try:
@@ -887,7 +900,7 @@ def _atomic_files(final_paths, write):
 def save_weights_as_checkpoint(model, checkpoint_prefix, family="bert", prefix=""):
     """Write a Google-format TF checkpoint (bert_model.ckpt.index / .data-00000-of-00001) with
     Google's variable names, readable by tf.train.load_checkpoint and TF1 Savers alike."""
-    import tensorflow as tf
+    tf = _tensorflow("Writing a Google (TF) checkpoint")
 
     model, family, prefix = _unwrap(model, family, prefix)
     variables = checkpoint_variables(model, family, "google", prefix)

@@ -202,7 +202,7 @@ class KVCache:
                 rows, length = encoder_ids.shape
                 encoder_ids = np.pad(encoder_ids,
                                      [(0, _bucket(rows) - rows), (0, _bucket(length) - length)])
-            context = self.encoder.predict_on_batch(encoder_ids)
+            context = self.encoder.predict_on_batch([encoder_ids])  # its one input, as a list
             self.buffers["context"] = np.asarray(context)[:batch]
         positions = np.tile(np.arange(width, dtype="int32"), (batch, 1))
         return self._run(ids, segments, mask, positions, self.lengths - 1)

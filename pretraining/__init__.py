@@ -64,7 +64,7 @@ MODEL_FLAGS = {
 TRAINING_FLAGS = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
                   "exclude_from_weight_decay", "grad_accum_steps", "lamb", "clip_norm",
                   "checkpoint_every", "keep_checkpoints", "log_every", "seed", "shuffle_buffer",
-                  "init_checkpoint", "ignore_invalid_weights", "strategy", "tpu")
+                  "init_checkpoint", "ignore_invalid_weights", "strategy", "tpu", "distribution")
 
 
 def add_pretrain_arguments(parser):
@@ -93,8 +93,12 @@ def add_pretrain_arguments(parser):
     add("--ignore-invalid-weights", action="store_true", default=None,
         help="with --init-checkpoint: keep initial values for weights it lacks (e.g. NSP head)")
     add("--strategy", choices=["mirrored", "multiworker", "tpu"],
-        help="tf.distribute strategy (default: one device; multiworker reads TF_CONFIG)")
-    add("--tpu", help="TPU address (implies --strategy tpu)")
+        help="TensorFlow backend: tf.distribute strategy (default: one device; multiworker "
+             "reads TF_CONFIG)")
+    add("--tpu", help="TensorFlow backend: TPU address (implies --strategy tpu)")
+    add("--distribution", choices=["data_parallel"],
+        help="JAX backend: keras.distribution.DataParallel over every local device "
+             "(default: one device)")
     add("--verbose", type=int, default=1, help="0 silent, 1 progress bar, 2 one line per log")
 
 

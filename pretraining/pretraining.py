@@ -11,17 +11,23 @@ rather than `model.fit`, because it gives what fit does not:
   all-reduced gradient (Keras clips each replica's partial gradient before the all-reduce);
 * checkpoints on SIGINT/SIGTERM at a step boundary that every worker agrees on.
 
-TensorFlow-backend only: tf.distribute, tf.data and TF checkpoints are the point of this module.
+On the JAX backend, `JaxTrainer` runs the same objectives, optimizer, data order, logs and
+export with keras.distribution (DataParallel over several devices) in place of tf.distribute, and
+resumes as exactly from its own .npz checkpoints. TensorFlow stays needed on both for the tf.data
+reader of the shards and the Google checkpoint export; PyTorch is not supported here.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import time
 
 import keras
+import numpy as np
 from keras import ops
 
 from bert4k import configs, optimizers
@@ -133,14 +139,14 @@ def sequence_output(model):
 
 
 def token_term(labels, logits, weights):
-    """(sum of weighted cross-entropy, sum of weights, sum of weighted hits) in float32."""
-    import tensorflow as tf
-
-    logits = tf.cast(logits, tf.float32)
-    weights = tf.cast(weights, tf.float32)
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
-    return tf.reduce_sum(losses * weights), tf.reduce_sum(weights), tf.reduce_sum(hits * weights)
+    """(sum of weighted cross-entropy, sum of weights, sum of weighted hits) in float32.
+    keras.ops only, so the TensorFlow and the JAX training loops share the objectives."""
+    logits = ops.cast(logits, "float32")
+    weights = ops.cast(weights, "float32")
+    labels = ops.cast(labels, "int32")
+    losses = ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    hits = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), "int32"), labels), "float32")
+    return ops.sum(losses * weights), ops.sum(weights), ops.sum(hits * weights)
 
 
 class Objective:
@@ -179,14 +185,13 @@ class MaskedLMWithNSP(MaskedLM):
         return [mlm_logits(model, gathered), model.get_layer("NSP-Proba").output]
 
     def terms(self, batch, outputs):
-        import tensorflow as tf
-
-        labels = batch["next_sentence_labels"][:, 0]
-        probabilities = tf.cast(outputs[1], tf.float32)
-        chosen = tf.gather(probabilities, labels, batch_dims=1)
-        losses = -tf.math.log(tf.maximum(chosen, 1e-7))  # NSP-Proba ends in a softmax
-        hits = tf.cast(tf.equal(tf.argmax(probabilities, -1, output_type=labels.dtype), labels), tf.float32)
-        nsp = (tf.reduce_sum(losses), tf.cast(tf.size(labels), tf.float32), tf.reduce_sum(hits))
+        labels = ops.cast(batch["next_sentence_labels"], "int32")  # [batch, 1]
+        probabilities = ops.cast(outputs[1], "float32")
+        chosen = ops.take_along_axis(probabilities, labels, axis=1)[:, 0]
+        losses = -ops.log(ops.maximum(chosen, 1e-7))  # NSP-Proba ends in a softmax
+        hits = ops.cast(ops.equal(ops.cast(ops.argmax(probabilities, -1), "int32"), labels[:, 0]),
+                        "float32")
+        nsp = (ops.sum(losses), ops.sum(ops.ones_like(losses)), ops.sum(hits))
         return {**super().terms(batch, outputs), "nsp": nsp}
 
 
@@ -203,7 +208,7 @@ class CausalLM(Objective):
 
     def target_weights(self, batch):
         """Which next tokens are predicted: all but padding."""
-        return batch["input_ids"][:, 1:] != 0
+        return ops.not_equal(batch["input_ids"][:, 1:], 0)
 
     def terms(self, batch, outputs):
         return {"lm": token_term(batch["input_ids"][:, 1:], outputs[0][:, :-1], self.target_weights(batch))}
@@ -215,9 +220,7 @@ class Seq2SeqLM(CausalLM):
     application = "unilm"
 
     def target_weights(self, batch):
-        import tensorflow as tf
-
-        return tf.logical_and(batch["segment_ids"][:, 1:] == 1, super().target_weights(batch))
+        return ops.logical_and(ops.equal(batch["segment_ids"][:, 1:], 1), super().target_weights(batch))
 
 
 OBJECTIVES = {"mlm": MaskedLM, "mlm_nsp": MaskedLMWithNSP, "gpt": CausalLM, "unilm": Seq2SeqLM}
@@ -358,17 +361,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-class Trainer:
-    """One pretraining run: model, optimizer, checkpoint and data under one strategy."""
+class _TrainerBase:
+    """What the TensorFlow and the JAX loops share: the model config and its checks, the output
+    files, the export and the run loop (steps, logs, checkpoints, SIGINT/SIGTERM). Subclasses
+    give the distribution, the data stream, the update step and the checkpoint format."""
 
-    def __init__(self, config, data_dir, output_dir, settings, strategy=None, tpu=None,
-                 init_checkpoint=None, ignore_invalid_weights=False, verbose=1):
-        import tensorflow as tf
-
-        if keras.backend.backend() != "tensorflow":
-            raise RuntimeError("pretraining runs on the TensorFlow backend (KERAS_BACKEND=tensorflow).")
-        self.strategy = make_strategy(strategy, tpu)  # first: MultiWorker must precede other ops
-        self.is_chief, self.task_id = worker_identity(self.strategy)
+    def _setup(self, config, data_dir, output_dir, settings, replicas, scope, init_checkpoint,
+               ignore_invalid_weights, verbose):
         self.data_dir, self.output_dir, self.settings = data_dir, output_dir, settings
         self.verbose = verbose if self.is_chief else 0
         self.info = data_utils.read_info(data_dir)
@@ -376,24 +375,17 @@ class Trainer:
             raise ValueError(f"[PAD] must have id 0 (the model masks id 0), it has {self.info['pad_id']}.")
         self.objective = OBJECTIVES[self.info["settings"].objective]()
         self.config = model_config(config, self.info["vocab_size"], self.info["settings"].max_seq_length)
-        if settings.batch_size % self.strategy.num_replicas_in_sync:
+        if settings.batch_size % replicas:
             raise ValueError(f"batch_size={settings.batch_size} is not a multiple of the "
-                             f"{self.strategy.num_replicas_in_sync} replicas.")
+                             f"{replicas} replicas.")
         os.makedirs(output_dir, exist_ok=True)
         self.write_config()
         keras.utils.set_random_seed(settings.seed)
-        with self.strategy.scope():
+        with scope:
             self.transformer, self.train_model = build_models(
                 self.config, self.objective, init_checkpoint, ignore_invalid_weights)
             self.optimizer = make_optimizer(settings)
             self.optimizer.build(self.train_model.trainable_variables)
-        self.micro_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="micro_steps")
-        self.checkpoint = tf.train.Checkpoint(
-            micro_steps=self.micro_steps, model=list(self.transformer.model.variables),
-            optimizer=list(self.optimizer.variables))
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, self.checkpoint_write_dir(), max_to_keep=settings.keep_checkpoints)
-        self.train_step = self.make_train_step()
 
     # -- files --------------------------------------------------------------------------------
 
@@ -413,12 +405,81 @@ class Trainer:
         if self.is_chief:
             data_utils.write_json_atomic(os.path.join(self.output_dir, "bert_config.json"), self.config)
 
+    def export(self):
+        """bert_config.json + config.json + vocab.txt + bert_model.ckpt (Google) + model.safetensors."""
+        if not self.is_chief:
+            return
+        out = self.output_dir
+        data_utils.write_json_atomic(os.path.join(out, "config.json"),
+                                     huggingface_config(self.config, self.info["pad_id"],
+                                                        self.info["settings"].objective))
+        shutil.copyfile(os.path.join(self.data_dir, self.info["vocab_file"]), os.path.join(out, "vocab.txt"))
+        save_weights_as_checkpoint(self.transformer, os.path.join(out, "bert_model.ckpt"))
+        save_weights_as_safetensors(self.transformer, os.path.join(out, "model.safetensors"))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self):
+        """Train to settings.steps from the last checkpoint; export the model at the end.
+        Returns a dict: step, interrupted, history (the logged records of this run)."""
+        step = self.restore()
+        iterator = iter(self.dataset(self.micro_step_count() * self.settings.batch_size))
+        logger = TrainingLogger(self, step)
+        interrupted = False
+        with StopRequest() as stop:
+            while step < self.settings.steps:
+                learning_rate = float(self.optimizer.learning_rate)
+                totals, interrupted = self.run_update(iterator, stop.requested)
+                step += 1
+                logger.update(step, totals, learning_rate)
+                if interrupted or step % self.settings.checkpoint_every == 0 or step == self.settings.steps:
+                    self.save_checkpoint()
+                if interrupted:
+                    break
+        logger.close()
+        if not interrupted:
+            self.export()
+        return dict(step=step, interrupted=interrupted, history=logger.history,
+                    output_dir=self.output_dir)
+
+
+def _require_backend(name, trainer):
+    if keras.backend.backend() != name:
+        raise RuntimeError(
+            f"{trainer} runs on the {name} backend, and Keras runs on {keras.backend.backend()!r}: "
+            "pretrain() picks the trainer of the backend (TensorFlow or JAX; set KERAS_BACKEND).")
+
+
+class Trainer(_TrainerBase):
+    """One pretraining run on TensorFlow: model, optimizer, checkpoint and data under one
+    tf.distribute strategy."""
+
+    def __init__(self, config, data_dir, output_dir, settings, strategy=None, tpu=None,
+                 init_checkpoint=None, ignore_invalid_weights=False, verbose=1):
+        import tensorflow as tf
+
+        _require_backend("tensorflow", "Trainer")
+        self.strategy = make_strategy(strategy, tpu)  # first: MultiWorker must precede other ops
+        self.is_chief, self.task_id = worker_identity(self.strategy)
+        self._setup(config, data_dir, output_dir, settings, self.strategy.num_replicas_in_sync,
+                    self.strategy.scope(), init_checkpoint, ignore_invalid_weights, verbose)
+        self.micro_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="micro_steps")
+        self.checkpoint = tf.train.Checkpoint(
+            micro_steps=self.micro_steps, model=list(self.transformer.model.variables),
+            optimizer=list(self.optimizer.variables))
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, self.checkpoint_write_dir(), max_to_keep=settings.keep_checkpoints)
+        self.train_step = self.make_train_step()
+
     def checkpoint_write_dir(self):
         """The chief's checkpoints are the real ones; the other workers must save too (saving
         may run collectives) but into a private directory, deleted after each save."""
         if self.is_chief:
             return os.path.join(self.output_dir, CHECKPOINT_DIR)
         return os.path.join(self.output_dir, f".worker-{self.task_id}")
+
+    def micro_step_count(self):
+        return int(self.micro_steps.numpy())
 
     def restore(self):
         """Resume from the chief's last complete checkpoint; returns the update step."""
@@ -432,24 +493,12 @@ class Trainer:
         latest = tf.train.latest_checkpoint(directory)
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
-        return int(self.micro_steps.numpy()) // self.settings.grad_accum_steps
+        return self.micro_step_count() // self.settings.grad_accum_steps
 
     def save_checkpoint(self):
-        self.manager.save(checkpoint_number=int(self.micro_steps.numpy()) // self.settings.grad_accum_steps)
+        self.manager.save(checkpoint_number=self.micro_step_count() // self.settings.grad_accum_steps)
         if not self.is_chief:
             shutil.rmtree(self.checkpoint_write_dir(), ignore_errors=True)
-
-    def export(self):
-        """bert_config.json + config.json + vocab.txt + bert_model.ckpt (Google) + model.safetensors."""
-        if not self.is_chief:
-            return
-        out = self.output_dir
-        data_utils.write_json_atomic(os.path.join(out, "config.json"),
-                                     huggingface_config(self.config, self.info["pad_id"],
-                                                        self.info["settings"].objective))
-        shutil.copyfile(os.path.join(self.data_dir, self.info["vocab_file"]), os.path.join(out, "vocab.txt"))
-        save_weights_as_checkpoint(self.transformer, os.path.join(out, "bert_model.ckpt"))
-        save_weights_as_safetensors(self.transformer, os.path.join(out, "model.safetensors"))
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -511,28 +560,198 @@ class Trainer:
         totals["grad_norm"] /= self.settings.grad_accum_steps
         return totals, totals.pop("stop") > 0
 
-    def run(self):
-        """Train to settings.steps from the last checkpoint; export the model at the end.
-        Returns a dict: step, interrupted, history (the logged records of this run)."""
-        step = self.restore()
-        iterator = iter(self.dataset(int(self.micro_steps.numpy()) * self.settings.batch_size))
-        logger = TrainingLogger(self, step)
-        interrupted = False
-        with StopRequest() as stop:
-            while step < self.settings.steps:
-                learning_rate = float(self.optimizer.learning_rate)
-                totals, interrupted = self.run_update(iterator, stop.requested)
-                step += 1
-                logger.update(step, totals, learning_rate)
-                if interrupted or step % self.settings.checkpoint_every == 0 or step == self.settings.steps:
-                    self.save_checkpoint()
-                if interrupted:
-                    break
-        logger.close()
-        if not interrupted:
-            self.export()
-        return dict(step=step, interrupted=interrupted, history=logger.history,
-                    output_dir=self.output_dir)
+
+def make_distribution(distribution=None):
+    """None: one device; 'data_parallel': keras.distribution.DataParallel over every local
+    device; or a keras.distribution object (DataParallel, ModelParallel)."""
+    # Keras exports no Distribution base class to test against: anything with a data layout and
+    # a scope is one.
+    if distribution is None or hasattr(distribution, "get_data_layout"):
+        return distribution
+    if distribution == "data_parallel":
+        return keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+    raise ValueError("distribution must be None, 'data_parallel' or a keras.distribution "
+                     f"object (DataParallel, ModelParallel), got {distribution!r}.")
+
+
+def batch_replicas(distribution):
+    """Into how many parts the distribution splits the batch dimension."""
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    return int(mesh.shape[list(mesh.axis_names).index(distribution.batch_dim_name)])
+
+
+class JaxTrainer(_TrainerBase):
+    """One pretraining run on JAX: the objectives, optimizer, data order, logs and export of
+    `Trainer`, with keras.distribution in place of tf.distribute.
+
+    `distribution`: None (the default device), 'data_parallel' (keras.distribution.DataParallel
+    on every local device: weights replicated, each device takes a slice of the batch) or
+    another keras.distribution object. The update is one jitted function of the training model's
+    stateless call. The batch is one global (sharded) array, so every loss term is already the
+    global mean and the clipping norm that of the whole gradient: the same arithmetic as
+    `Trainer` with any number of replicas, XLA inserting the all-reduces. One process: multi-host
+    JAX (jax.distributed) is not set up here.
+
+    Checkpoints are `checkpoints/ckpt-{step}.npz`: the micro-step and every variable of the
+    model (dropout seed states included) and of the optimizer, so resuming is exact. TensorFlow
+    is still needed for the tf.data reader of the shards and for the Google checkpoint export.
+    """
+
+    def __init__(self, config, data_dir, output_dir, settings, distribution=None,
+                 init_checkpoint=None, ignore_invalid_weights=False, verbose=1):
+        _require_backend("jax", "JaxTrainer")
+        _hide_accelerators_from_tensorflow()
+        self.distribution = make_distribution(distribution)
+        self.is_chief, self.task_id = True, 0
+        scope = self.distribution.scope() if self.distribution else contextlib.nullcontext()
+        self._setup(config, data_dir, output_dir, settings, batch_replicas(self.distribution),
+                    scope, init_checkpoint, ignore_invalid_weights, verbose)
+        self.micro_steps = 0
+        self.train_step = self.make_train_step()
+
+    def checkpoint_variables(self):
+        return list(self.transformer.model.variables) + list(self.optimizer.variables)
+
+    @staticmethod
+    def stable_path(variable):
+        """The variable's path without Keras's uniquifying suffixes ('seed_generator_3',
+        'pretraining_adam_w_1'), which count the objects made so far in the process."""
+        return re.sub(r"_\d+(?=/|$)", "", variable.path)
+
+    def micro_step_count(self):
+        return self.micro_steps
+
+    def checkpoint_files(self):
+        """{update step: path} of the complete checkpoints (a save writes a temporary file
+        first and renames it, so a killed save leaves none half-written under these names)."""
+        directory = os.path.join(self.output_dir, CHECKPOINT_DIR)
+        found = {}
+        if os.path.isdir(directory):
+            for name in os.listdir(directory):
+                match = re.fullmatch(r"ckpt-(\d+)\.npz", name)
+                if match:
+                    found[int(match.group(1))] = os.path.join(directory, name)
+        return found
+
+    def restore(self):
+        """Resume from the last checkpoint; returns the update step."""
+        files = self.checkpoint_files()
+        if files:
+            variables = self.checkpoint_variables()
+            # By position: the same config and settings build the same variables in the same
+            # order. The paths and shapes are checked, so a changed setting fails loudly.
+            with np.load(files[max(files)]) as stored:
+                paths = [str(p) for p in stored["paths"]]
+                values = [stored[f"v{index}"] for index in range(len(paths))]
+                micro_steps = int(stored["micro_steps"])
+            differing = [f"{path} {value.shape} vs {self.stable_path(v)} {tuple(v.shape)}"
+                         for path, value, v in zip(paths, values, variables)
+                         if path != self.stable_path(v) or value.shape != tuple(v.shape)]
+            if differing or len(paths) != len(variables):
+                raise ValueError(
+                    f"{files[max(files)]!r} holds other variables than this model and optimizer "
+                    f"(changed optimizer settings?): {len(paths)} stored, {len(variables)} "
+                    f"here; first differences: {differing[:3]}")
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+            self.micro_steps = micro_steps
+        return self.micro_steps // self.settings.grad_accum_steps
+
+    def save_checkpoint(self):
+        step = self.micro_steps // self.settings.grad_accum_steps
+        directory = os.path.join(self.output_dir, CHECKPOINT_DIR)
+        os.makedirs(directory, exist_ok=True)
+        variables = self.checkpoint_variables()
+        arrays = {f"v{i}": ops.convert_to_numpy(v.value) for i, v in enumerate(variables)}
+        temporary = os.path.join(directory, f".ckpt-{step}.npz.tmp")
+        with open(temporary, "wb") as f:
+            np.savez(f, micro_steps=self.micro_steps,
+                     paths=np.array([self.stable_path(v) for v in variables]), **arrays)
+        os.replace(temporary, os.path.join(directory, f"ckpt-{step}.npz"))
+        files = self.checkpoint_files()
+        for old in sorted(files)[:-self.settings.keep_checkpoints]:
+            os.remove(files[old])
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def dataset(self, start_example):
+        """The global batches, as arrays laid out by the distribution (batch split over the
+        devices), from the same tf.data stream as `Trainer`'s one-pipeline case."""
+        dataset = data_utils.load_dataset(
+            self.data_dir, self.settings.batch_size, seed=self.settings.seed,
+            start_example=start_example, shuffle_buffer=self.settings.shuffle_buffer)
+        for batch in dataset.as_numpy_iterator():
+            if self.distribution is not None:
+                batch = {name: keras.distribution.distribute_tensor(
+                    value, self.distribution.get_data_layout(value.shape))
+                    for name, value in batch.items()}
+            yield batch
+
+    def make_train_step(self):
+        import jax
+
+        model, optimizer, objective = self.train_model, self.optimizer, self.objective
+        clip_norm = self.settings.clip_norm
+
+        def loss_and_terms(trainable, non_trainable, batch):
+            outputs, non_trainable = model.stateless_call(
+                trainable, non_trainable, objective.model_inputs(batch), training=True)
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            terms = objective.terms(batch, outputs)
+            loss = sum(total / ops.maximum(count, 1.0) for total, count, _ in terms.values())
+            return loss, (non_trainable, terms)
+
+        gradient_of = jax.value_and_grad(loss_and_terms, has_aux=True)
+
+        def train_step(trainable, non_trainable, optimizer_state, batch):
+            (_, (non_trainable, terms)), gradients = gradient_of(trainable, non_trainable, batch)
+            norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in gradients))
+            if clip_norm:
+                scale = clip_norm / ops.maximum(norm, clip_norm)
+                gradients = [g * scale for g in gradients]
+            trainable, optimizer_state = optimizer.stateless_apply(
+                optimizer_state, gradients, trainable)
+            tokens = ops.sum(ops.cast(ops.not_equal(batch["input_ids"], 0), "float32"))
+            statistics = {"tokens": tokens, "grad_norm": norm}
+            for name, (total, count, hits) in terms.items():
+                statistics.update({f"{name}_sum": total, f"{name}_count": count,
+                                   f"{name}_hits": hits})
+            return trainable, non_trainable, optimizer_state, statistics
+
+        # The old state is not needed after a step: donating it lets XLA update in place.
+        return jax.jit(train_step, donate_argnums=(0, 1, 2))
+
+    def run_update(self, iterator, stop_requested):
+        """One optimizer update (grad_accum_steps micro-batches); returns the summed statistics
+        and the stop request (one process: nobody else to agree with)."""
+        groups = (self.train_model.trainable_variables, self.train_model.non_trainable_variables,
+                  self.optimizer.variables)
+        totals = {}
+        for _ in range(self.settings.grad_accum_steps):
+            *state, statistics = self.train_step(*[[v.value for v in group] for group in groups],
+                                                 next(iterator))
+            # Back into the Keras variables at once (a reference swap, no copy): the next step,
+            # the learning-rate schedule, checkpoints and the export all read them.
+            for group, values in zip(groups, state):
+                for variable, value in zip(group, values):
+                    variable.assign(value)
+            self.micro_steps += 1
+            for name, value in statistics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        totals["grad_norm"] /= self.settings.grad_accum_steps
+        return totals, stop_requested
+
+
+def _hide_accelerators_from_tensorflow():
+    """tf.data feeds the JAX loop; without this TensorFlow would also claim every GPU's memory."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow's devices were set up already: too late, and harmless on CPU
+        pass
 
 
 def clip_by_global_norm(gradients, clip_norm):
@@ -619,7 +838,8 @@ def metrics(totals):
 
 
 def pretrain(config, data_dir, output_dir, steps, batch_size, strategy=None, tpu=None,
-             init_checkpoint=None, ignore_invalid_weights=False, verbose=1, **settings):
+             distribution=None, init_checkpoint=None, ignore_invalid_weights=False, verbose=1,
+             **settings):
     """Pretrain (or continue pretraining) a BERT on a prepared data directory.
 
     config: a size name ('tiny', 'mini', 'small', 'medium', 'base'), a bert_config.json path, or
@@ -629,12 +849,28 @@ def pretrain(config, data_dir, output_dir, steps, batch_size, strategy=None, tpu
     checkpoint_every, keep_checkpoints, log_every, seed, shuffle_buffer.
     init_checkpoint: weights to start from (Google checkpoint prefix, HF directory or
     .safetensors) when output_dir has no checkpoint yet.
+    strategy / tpu (TensorFlow backend): see make_strategy. distribution (JAX backend):
+    'data_parallel' or a keras.distribution object, see make_distribution.
 
     Re-running with the same output_dir resumes from its last checkpoint. At the end output_dir
     holds bert_config.json, config.json, vocab.txt, bert_model.ckpt.* and model.safetensors.
     """
     settings = TrainingSettings(steps=steps, batch_size=batch_size, **settings)
-    trainer = Trainer(config, data_dir, output_dir, settings, strategy=strategy, tpu=tpu,
-                      init_checkpoint=init_checkpoint, ignore_invalid_weights=ignore_invalid_weights,
-                      verbose=verbose)
+    common = dict(init_checkpoint=init_checkpoint, ignore_invalid_weights=ignore_invalid_weights,
+                  verbose=verbose)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        if distribution is not None:
+            raise ValueError("distribution (keras.distribution) is for the JAX backend; on "
+                             "TensorFlow use strategy='mirrored', 'multiworker' or 'tpu'.")
+        trainer = Trainer(config, data_dir, output_dir, settings, strategy=strategy, tpu=tpu, **common)
+    elif backend == "jax":
+        if strategy is not None or tpu is not None:
+            raise ValueError("strategy and tpu (tf.distribute) are for the TensorFlow backend; on "
+                             "JAX use distribution='data_parallel'.")
+        trainer = JaxTrainer(config, data_dir, output_dir, settings, distribution=distribution,
+                             **common)
+    else:
+        raise RuntimeError(f"pretraining runs on the TensorFlow or the JAX backend, not on "
+                           f"{backend!r}: set KERAS_BACKEND=tensorflow or jax.")
     return trainer.run()

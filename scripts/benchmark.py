@@ -28,7 +28,11 @@ What is measured and how:
 * Inference: Keras models (bert4k, keras-hub, bert4keras) through `model.predict_on_batch` after
   `model.compile(jit_compile=..., run_eagerly=...)`: eager (run_eagerly), graph (tf.function, no
   XLA) or XLA (jit_compile=True; JAX always compiles); transformers' BertModel (SDPA attention)
-  under torch.inference_mode(). Warm-up calls (the first one compiles: its time is reported as
+  under torch.inference_mode(). bert4k's attention is its default (keras.ops.dot_product_attention);
+  the '-explicit' variants run its explicit einsums instead. '-bf16': bert4k built with
+  dtype_policy='mixed_bfloat16' (other Keras peers: keras.config.set_dtype_policy); on this CPU
+  TensorFlow's graph mode runs bf16 matmuls through oneDNN (AMX), while its XLA has no fast bf16
+  kernel. Warm-up calls (the first one compiles: its time is reported as
   'first call'), then timed calls until --min-time seconds and at least --min-reps calls; the
   median (--statistic) is the time. tokens/s = batch * length / time. The process's CPU time per
   call / wall time is reported as 'cores busy' (2 = both cores; less: the work did not spread, or
@@ -98,11 +102,16 @@ ENVIRONMENTS = {
                    {"TF_KERAS": "1", "TF_USE_LEGACY_KERAS": "1"}),
 }
 
-# Variants: name -> (environment, implementation, mode, precision).
+# Variants: name -> (environment, implementation, mode, precision). bert4k variants run its
+# default attention ('auto': keras.ops.dot_product_attention); those in EXPLICIT_ATTENTION run the
+# explicit einsums instead, to show what the fused op changes.
 VARIANTS = {
     "bert4k-tf-eager": ("main", "bert4k", "eager", "float32"),
     "bert4k-tf-graph": ("main", "bert4k", "graph", "float32"),
+    "bert4k-tf-graph-explicit": ("main", "bert4k", "graph", "float32"),
+    "bert4k-tf-graph-bf16": ("main", "bert4k", "graph", "bfloat16"),
     "bert4k-tf-xla": ("main", "bert4k", "xla", "float32"),
+    "bert4k-tf-xla-explicit": ("main", "bert4k", "xla", "float32"),
     "bert4k-tf-xla-bf16": ("main", "bert4k", "xla", "bfloat16"),
     "bert4k-jax": ("jax", "bert4k", "xla", "float32"),
     "bert4k-jax-bf16": ("jax", "bert4k", "xla", "bfloat16"),
@@ -113,19 +122,22 @@ VARIANTS = {
     "bert4keras-tf-graph": ("bert4keras", "bert4keras", "graph", "float32"),
     "bert4keras-tf-xla": ("bert4keras", "bert4keras", "xla", "float32"),
 }
-# What runs by default (about 15 minutes on 2 idle cores): MiniLM at two shapes with most variants,
-# BERT-base at every shape with the fastest of each peer in the full matrix (--all: every variant,
-# every shape, both models: about 45 minutes). --quick: a smoke run of a few minutes.
+EXPLICIT_ATTENTION = {"bert4k-tf-graph-explicit", "bert4k-tf-xla-explicit"}
+# What runs by default (about 20 minutes on 2 idle cores): MiniLM at two shapes with most variants,
+# BERT-base at every shape with both TensorFlow modes of each Keras peer and transformers (--all:
+# every variant, every shape, both models: about 50 minutes). --quick: a smoke run of about 10.
 DEFAULT_PLAN = {
     "minilm": dict(shapes=[(1, 128), (8, 128)], variants=[
-        "bert4k-tf-graph", "bert4k-tf-xla", "bert4k-tf-xla-bf16", "bert4k-jax", "bert4k-torch",
-        "transformers-torch", "keras-hub-tf-xla", "bert4keras-tf-graph"]),
+        "bert4k-tf-graph", "bert4k-tf-graph-explicit", "bert4k-tf-graph-bf16", "bert4k-tf-xla",
+        "bert4k-tf-xla-explicit", "bert4k-tf-xla-bf16", "bert4k-jax", "bert4k-torch",
+        "transformers-torch", "keras-hub-tf-graph", "keras-hub-tf-xla", "bert4keras-tf-graph"]),
     "base": dict(shapes=INFERENCE_SHAPES, variants=[
-        "bert4k-tf-xla", "bert4k-torch", "transformers-torch", "keras-hub-tf-xla",
-        "bert4keras-tf-xla"]),
+        "bert4k-tf-graph", "bert4k-tf-graph-bf16", "bert4k-tf-xla", "transformers-torch",
+        "keras-hub-tf-graph", "keras-hub-tf-xla", "bert4keras-tf-graph", "bert4keras-tf-xla"]),
 }
 QUICK_PLAN = {"minilm": dict(shapes=[(8, 128)], variants=[
-    "bert4k-tf-xla", "bert4k-jax", "transformers-torch", "keras-hub-tf-xla", "bert4keras-tf-graph"])}
+    "bert4k-tf-graph", "bert4k-tf-graph-bf16", "bert4k-tf-xla", "bert4k-tf-xla-explicit",
+    "bert4k-jax", "transformers-torch", "keras-hub-tf-xla", "bert4keras-tf-graph"])}
 TOKENIZERS = {  # name -> environment
     "bert4k": "main", "bert4keras": "bert4keras", "transformers-python": "torch",
     "transformers-rust": "torch",
@@ -235,7 +247,7 @@ class KerasRunner:
             import keras
 
             self.keras = keras
-            if job["precision"] == "bfloat16":
+            if job["precision"] == "bfloat16" and self.impl != "bert4k":
                 keras.config.set_dtype_policy("mixed_bfloat16")
 
     def compile_options(self):
@@ -250,6 +262,10 @@ class KerasRunner:
             extra = {} if dropout else dict(dropout_rate=0.0, attention_dropout_rate=0.0)
             if self.job.get("hierarchical"):
                 extra["hierarchical_position"] = True
+            if self.job["precision"] == "bfloat16":  # the builder's option, as the README shows
+                extra["dtype_policy"] = "mixed_bfloat16"
+            if self.job["variant"] in EXPLICIT_ATTENTION:
+                extra["attention_implementation"] = "explicit"
             return build_transformer_model(self.directory / "config.json", self.directory,
                                            with_pool=pooled, **extra)
         if self.impl == "bert4keras":
@@ -1114,18 +1130,36 @@ class Report:
             f = self.fraction(mine, True)
             row("base 16x128 training step >= 75% of fp32 peak", f"{mine['variant']}: {f:.0%}", f >= 0.75)
         for model in self.d.args.models:
-            for backend in ("bert4k-tf-xla", "bert4k-jax"):
+            fast = self.best("bert4k-", model, "inference", (8, 128), precision="bfloat16")
+            slow = self.best("bert4k-", model, "inference", (8, 128))
+            if fast and slow:
+                ratio = fast["tokens_per_s"] / slow["tokens_per_s"]
+                row(f"{model}: fastest bert4k bf16 >= 1.5x fastest bert4k fp32 (8x128)",
+                    f"{fast['variant']} {fmt(fast['tokens_per_s'])} vs {slow['variant']} "
+                    f"{fmt(slow['tokens_per_s'])} tokens/s (x{ratio:.2f})", ratio >= 1.5)
+            for backend in ("bert4k-tf-graph", "bert4k-tf-xla", "bert4k-jax"):
                 fast = self.one(kind="inference", model=model, variant=backend + "-bf16", batch=8, length=128)
                 slow = self.one(kind="inference", model=model, variant=backend, batch=8, length=128)
                 if fast and slow:
                     ratio = fast["tokens_per_s"] / slow["tokens_per_s"]
                     diff = self.output_difference(backend + "-bf16", model, Path(
                         self.d.args.output) / f"out-{backend}-{model}.npy", numbers=True)
-                    ok_diff = diff is not None and diff[0] <= 1e-2
-                    shown = (f"max abs diff {diff[0]:.1e} ({diff[1]:.1e} of max abs output)"
+                    # Hidden states reach |6| or more: bf16's 8-bit mantissa alone spaces values
+                    # there 2^-5 apart, so 1e-2 is taken relative to the largest output.
+                    ok_diff = diff is not None and diff[1] <= 1e-2
+                    shown = (f"max abs diff {diff[0]:.1e} = {diff[1]:.1e} of max abs output"
                              if diff else "no outputs")
-                    row(f"{model} {backend} bf16 >= 1.5x its fp32 (8x128), outputs within 1e-2",
+                    row(f"{model} {backend} bf16 >= 1.5x its fp32 (8x128), outputs within 1e-2 "
+                        "(relative)",
                         f"x{ratio:.2f}; {shown}", ratio >= 1.5 and ok_diff)
+            for backend in ("bert4k-tf-graph", "bert4k-tf-xla"):  # informational: no goal
+                for r in self.select(kind="inference", model=model, variant=backend):
+                    explicit = self.one(kind="inference", model=model, variant=backend + "-explicit",
+                                        batch=r["batch"], length=r["length"])
+                    if explicit:
+                        row(f"{model} {backend} {r['batch']}x{r['length']}: fused attention vs "
+                            "explicit einsums", f"x{r['tokens_per_s'] / explicit['tokens_per_s']:.2f}"
+                            " (above 1: fused faster)", None)
         for corpus in ("sentiment", "english"):
             mine = self.one(kind="tokenizer", tokenizer="bert4k", corpus=corpus)
             old = self.one(kind="tokenizer", tokenizer="bert4keras", corpus=corpus)

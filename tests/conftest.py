@@ -48,3 +48,27 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def fixed_seed():
     keras.utils.set_random_seed(1234)
+
+
+# -- backends -------------------------------------------------------------------------------------
+# The suite runs once per Keras backend (KERAS_BACKEND=tensorflow, jax, torch). A test that only
+# makes sense on some of them says so, and is skipped on the others with its reason shown:
+#   @pytest.mark.tensorflow_only("tf.distribute")     the TensorFlow backend only
+#   @pytest.mark.backends("tensorflow", "jax", reason="...")
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = keras.backend.backend()
+    for item in items:
+        marker = item.get_closest_marker("tensorflow_only")
+        if marker is not None and backend != "tensorflow":
+            why = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(
+                reason=f"TensorFlow backend only{': ' + why if why else ''} (this run: {backend})"))
+        marker = item.get_closest_marker("backends")
+        if marker is not None and backend not in marker.args:
+            why = marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(
+                reason=f"runs on {', '.join(marker.args)} only{': ' + why if why else ''} "
+                       f"(this run: {backend})"))
+

@@ -2,6 +2,7 @@
 independent converter in this file, round trips of our writers, and every kind of bad checkpoint."""
 
 import re
+import sys
 import warnings
 
 import keras
@@ -12,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from bert4k.checkpoints import (
     CheckpointError,
+    open_checkpoint,
     save_weights_as_checkpoint,
     save_weights_as_safetensors,
 )
@@ -292,19 +294,39 @@ def test_missing_checkpoint_path(tiny_config, tmp_path):
         build_transformer_model(checkpoint_path=tmp_path, **tiny_config)
 
 
-def test_pytorch_pickle_is_never_unpickled_without_torch(tiny_config, tmp_path):
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("torch is installed here: the file would be read with weights_only=True")
-    marker = tmp_path / "executed"
+def _malicious_pickle(directory):
+    """A pytorch_model.bin whose unpickling runs `touch executed`; returns the marker's path."""
+    marker = directory / "executed"
     payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
-    (tmp_path / "pytorch_model.bin").write_bytes(payload)
+    (directory / "pytorch_model.bin").write_bytes(payload)
+    return marker
+
+
+def test_pytorch_pickle_is_never_unpickled_without_torch(tmp_path, monkeypatch):
+    marker = _malicious_pickle(tmp_path)
+    # As if torch were not installed (None in sys.modules makes `import torch` fail): torch is in
+    # the test environment for the torch backend. Only the reader runs meanwhile; Keras on the
+    # torch backend needs torch itself.
+    monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(CheckpointError, match="weights_only=True.*safetensors"):
+        open_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def test_pytorch_pickle_is_read_only_by_the_safe_loader(tiny_config, tmp_path):
+    pytest.importorskip("torch")
+    marker = _malicious_pickle(tmp_path)
+    with pytest.raises(CheckpointError, match="Cannot read PyTorch weights"):
         build_transformer_model(checkpoint_path=tmp_path, **tiny_config)
     assert not marker.exists()
+
+
+def test_google_checkpoint_without_tensorflow_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "bert_model.ckpt.index").write_bytes(b"")
+    # As if TensorFlow were not installed, as it need not be on JAX or PyTorch.
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    with pytest.raises(ImportError, match="needs TensorFlow.*pip install tensorflow-cpu"):
+        open_checkpoint(tmp_path / "bert_model.ckpt")
 
 
 def test_failed_save_leaves_no_files(tiny_config, tmp_path):

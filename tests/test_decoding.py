@@ -23,19 +23,47 @@ def transformer(request):
                                    return_keras_model=False, **CONFIG, **extra)
 
 
+# Longer than any sequence here. The full recomputations run on sequences right-padded to it:
+# under causal and UniLM attention no position sees those after it, so padding changes nothing
+# before it, and every call has one shape. On JAX a new shape means a new XLA program (seconds,
+# even eagerly, where every op compiles for it), and the references see a new length each step.
+REFERENCE_LENGTH = 32
+
+
+def padded(rows, value=0):
+    array = np.full((len(rows), REFERENCE_LENGTH), value, "int32")
+    for index, row in enumerate(rows):
+        array[index, : len(row)] = row
+    return array
+
+
+def at_last_tokens(model, inputs, lengths):
+    """The model's full forward pass, read at position lengths[i] - 1 of each row i."""
+    outputs = model.predict(inputs, verbose=0)
+    return outputs[np.arange(len(lengths)), np.asarray(lengths) - 1]
+
+
 def prompts(count, seed=0):
     rng = np.random.default_rng(seed)
     return [list(rng.integers(4, 40, size=rng.integers(2, 7))) for _ in range(count)]
 
 
-def full_inputs(transformer, token_ids, prompt_length):
-    ids = np.array([token_ids])
+def full_inputs(transformer, rows, segment_rows=None):
+    """Padded model inputs; UniLM's padding is target (segment 1): seen by nothing before it."""
+    ids = padded(rows)
     if transformer.family == "gpt2":
         return ids
-    segments = np.zeros_like(ids)
-    if transformer.application == "unilm":
-        segments[0, prompt_length:] = 1
-    return [ids, segments]
+    if segment_rows is None:
+        segment_rows = [[0] * len(row) for row in rows]
+    return [ids, padded(segment_rows, int(transformer.application == "unilm"))]
+
+
+def full_probas(transformer, token_ids, prompt_length):
+    """Next-token probabilities after `token_ids`, recomputed from scratch."""
+    segments = [0] * prompt_length
+    segments += [int(transformer.application == "unilm")] * (len(token_ids) - prompt_length)
+    inputs = full_inputs(transformer, [token_ids], [segments])
+    return at_last_tokens(transformer.model, inputs, [len(token_ids)])[0]
 
 
 class Uncached(AutoRegressiveDecoder):
@@ -48,11 +76,12 @@ class Uncached(AutoRegressiveDecoder):
     @AutoRegressiveDecoder.wraps(default_rtype="probas")
     def predict(self, inputs, output_ids, states):
         token_ids = np.concatenate([inputs[0], output_ids], axis=1)
+        lengths = [token_ids.shape[1]] * len(token_ids)
         if self.t.family == "gpt2":
-            return self.last_token(self.t.model).predict(token_ids, verbose=0)
+            return at_last_tokens(self.t.model, padded(token_ids), lengths)
         segment_ids = np.concatenate(
             [inputs[1], np.full_like(output_ids, int(self.t.application == "unilm"))], axis=1)
-        return self.last_token(self.t.model).predict([token_ids, segment_ids], verbose=0)
+        return at_last_tokens(self.t.model, full_inputs(self.t, token_ids, segment_ids), lengths)
 
 
 def example(transformer, prompt):
@@ -67,10 +96,11 @@ def test_cached_steps_equal_full_recomputation(transformer):
     new_segment = int(transformer.application == "unilm")
     for _ in range(4):
         for row, sequence in enumerate(sequences):
-            full = transformer.model.predict(
-                full_inputs(transformer, sequence, len(batch[row])), verbose=0)[0, -1]
+            full = full_probas(transformer, sequence, len(batch[row]))
             np.testing.assert_allclose(probas[row], full, atol=1e-6)
-        tokens = probas.argmax(-1)
+        # Never the pad id 0: the full model hides it from attention as padding, the cache
+        # holds every token it is given (and a tiny random model may well pick it).
+        tokens = probas[:, 1:].argmax(-1) + 1
         for row, token in enumerate(tokens):
             sequences[row].append(int(token))
         probas = cache.step(tokens, new_segment)
@@ -79,8 +109,7 @@ def test_cached_steps_equal_full_recomputation(transformer):
 def greedy(transformer, prompt, maxlen):
     output = []
     for _ in range(maxlen):
-        probas = transformer.model.predict(
-            full_inputs(transformer, prompt + output, len(prompt)), verbose=0)[0, -1]
+        probas = full_probas(transformer, prompt + output, len(prompt))
         output.append(int(probas.argmax()))
         if output[-1] == END:
             break
@@ -139,7 +168,8 @@ def t5(request):
 def t5_greedy(t5, source, maxlen):
     output = [0]
     for _ in range(maxlen):
-        probas = t5.model.predict([np.array([source]), np.array([output])], verbose=0)[0, -1]
+        # The encoder's padding is hidden from it and from the decoder's cross-attention.
+        probas = at_last_tokens(t5.model, [padded([source]), padded([output])], [len(output)])[0]
         output.append(int(probas.argmax()))
         if output[-1] == END:
             break

@@ -16,8 +16,6 @@ from bert4k import optimizers as O
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKEND = keras.backend.backend()
-requires_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow",
-                                         reason="needs the TensorFlow backend")
 
 # ------------------------------------------------------------------------------------------
 # Variables with bert4keras-style paths, fixed gradients, and NumPy reference updates
@@ -163,8 +161,7 @@ def test_adam_matches_numpy_with_and_without_bias_correction(bias_correction):
     assert_histories_close(history, expected)
 
 
-@pytest.mark.tensorflow_only
-@requires_tensorflow
+@pytest.mark.tensorflow_only("sparse gradients (tf.IndexedSlices) exist only there")
 def test_adam_sums_repeated_rows_of_a_sparse_gradient_before_squaring():
     import tensorflow as tf
 
@@ -557,8 +554,7 @@ def test_keras_file_restores_class_config_and_state(tmp_path):
     assert_same_values(loaded.trainable_variables, model.trainable_variables)
 
 
-@pytest.mark.tensorflow_only
-@requires_tensorflow
+@pytest.mark.tensorflow_only("tf.train.Checkpoint of Keras variables")
 def test_tf_checkpoint_restores_optimizer_state(tmp_path):
     import tensorflow as tf
 
@@ -677,8 +673,7 @@ print("RESULT " + json.dumps(result))
 """
 
 
-@pytest.mark.tensorflow_only
-@requires_tensorflow
+@pytest.mark.tensorflow_only("tf.distribute.MirroredStrategy")
 def test_all_eight_under_mirrored_strategy_with_two_cpus():
     script = MIRRORED_SCRIPT.format(tests=str(ROOT / "tests"))
     environment = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")

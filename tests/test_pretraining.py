@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,6 +30,10 @@ from pretraining import pretraining as pt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+# Training needs a trainer: tf.distribute's (Trainer) or keras.distribution's (JaxTrainer).
+trains = pytest.mark.backends("tensorflow", "jax", reason="pretraining has a TensorFlow and a "
+                              "JAX training loop, none for PyTorch")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,7 +169,8 @@ def trained(mlm_data, tmp_path_factory):
     settings = pt.TrainingSettings(steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=20,
                                    log_every=1, checkpoint_every=100, shuffle_buffer=1000, seed=3)
     config = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-    trainer = pt.Trainer(config, mlm_data, output, settings, verbose=0)
+    trainer_class = pt.JaxTrainer if keras.backend.backend() == "jax" else pt.Trainer
+    trainer = trainer_class(config, mlm_data, output, settings, verbose=0)
     return trainer, trainer.run()
 
 
@@ -413,6 +420,7 @@ def test_reading_resumes_at_an_example_and_shards_split_the_global_batch(small_d
 # ---------------------------------------------------------------------------------------------------
 
 
+@trains
 def test_mlm_loss_falls_well_below_ln_vocab(trained, mlm_data):
     trainer, result = trained
     ln_vocab = math.log(du.read_info(mlm_data)["vocab_size"])
@@ -423,17 +431,18 @@ def test_mlm_loss_falls_well_below_ln_vocab(trained, mlm_data):
     assert result["history"][-1]["tokens_per_sec"] > 0
 
 
+@trains
 def test_exported_checkpoint_reproduces_the_training_model(trained, mlm_data):
     trainer, _ = trained
     output = trainer.output_dir
     assert {"bert_config.json", "config.json", "vocab.txt", "bert_model.ckpt.index",
             "model.safetensors"} <= set(os.listdir(output))
-    batch = next(iter(du.load_dataset(mlm_data, 4, seed=1)))
+    batch = next(du.load_dataset(mlm_data, 4, seed=1).as_numpy_iterator())
     logits = trainer.train_model(trainer.objective.model_inputs(batch))
     logits = logits[0] if isinstance(logits, (list, tuple)) else logits  # a one-output model
-    expected = tf.nn.softmax(logits, -1).numpy()
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(logits, -1))
     inputs = [batch["input_ids"], batch["segment_ids"]]
-    positions = batch["masked_lm_positions"].numpy()
+    positions = batch["masked_lm_positions"]
     for checkpoint in ("bert_model.ckpt", "model.safetensors"):
         model = build_transformer_model(os.path.join(output, "bert_config.json"),
                                         os.path.join(output, checkpoint), with_mlm=True)
@@ -446,6 +455,7 @@ def test_exported_checkpoint_reproduces_the_training_model(trained, mlm_data):
     assert "cls/predictions/output_bias" in names and "bert/pooler/dense/kernel" in names
 
 
+@trains
 def test_continue_pretraining_from_a_checkpoint(trained, mlm_data, tmp_path):
     trainer, result = trained
     continued = pt.pretrain(os.path.join(trainer.output_dir, "bert_config.json"), mlm_data,
@@ -456,6 +466,7 @@ def test_continue_pretraining_from_a_checkpoint(trained, mlm_data, tmp_path):
     assert abs(continued["history"][0]["mlm_loss"] - trained_loss) < 0.5
 
 
+@trains
 @pytest.mark.parametrize("objective", ["gpt", "unilm"])
 def test_language_models_start_at_ln_vocab_and_export(objective, corpus, tmp_path):
     (tmp_path / "part.txt").write_text("".join(open(corpus, encoding="utf-8").readlines()[:300]),
@@ -511,6 +522,7 @@ def assert_checkpoints_complete(output_dir):
             reader.get_tensor(name)
 
 
+@pytest.mark.tensorflow_only("Trainer's TF checkpoints; JaxTrainer's resume has its own test")
 def test_sigkill_then_sigterm_then_resume_repeats_the_uninterrupted_losses(small_data, tmp_path):
     # Dropout stays on (0.1): its seed states are in the checkpoint, so resuming is exact.
     common = dict(checkpoint_every=5, learning_rate=1e-3, log_every=1, shuffle_buffer=200, seed=0)
@@ -565,6 +577,54 @@ def test_sigkill_then_sigterm_then_resume_repeats_the_uninterrupted_losses(small
     assert reference["history"][-1]["loss"] == pytest.approx(resumed[steps], abs=1e-6)
 
 
+@pytest.mark.backends("jax", reason="JaxTrainer's .npz checkpoints")
+def test_jax_resume_from_a_checkpoint_repeats_the_uninterrupted_losses(small_data, tmp_path):
+    # Dropout stays on (0.1): its seed states are in the checkpoint, so resuming is exact.
+    common = dict(steps=6, batch_size=8, checkpoint_every=2, keep_checkpoints=2, learning_rate=1e-3,
+                  log_every=1, shuffle_buffer=200, seed=0, verbose=0)
+    reference = tmp_path / "reference"
+    expected = pt.pretrain(TINY_MODEL, small_data, str(reference), **common)["history"]
+    checkpoints = reference / pt.CHECKPOINT_DIR
+    assert sorted(os.listdir(checkpoints)) == ["ckpt-4.npz", "ckpt-6.npz"]  # keep_checkpoints=2
+    # The run as a kill after step 4's checkpoint would have left it: that checkpoint and the
+    # log so far, nothing exported.
+    stopped = tmp_path / "stopped"
+    (stopped / pt.CHECKPOINT_DIR).mkdir(parents=True)
+    shutil.copy(checkpoints / "ckpt-4.npz", stopped / pt.CHECKPOINT_DIR)
+    shutil.copy(reference / "bert_config.json", stopped)
+    resumed = pt.pretrain(TINY_MODEL, small_data, str(stopped), **common)["history"]
+    assert [r["step"] for r in resumed] == [5, 6]
+    # Same ops on the same data from the same state: equal to float precision.
+    for name in ("loss", "mlm_loss", "nsp_loss", "grad_norm", "learning_rate"):
+        np.testing.assert_allclose([r[name] for r in resumed], [r[name] for r in expected[4:]],
+                                   rtol=0, atol=1e-6, err_msg=name)
+    for name in ("bert_model.ckpt.index", "model.safetensors", "vocab.txt", "config.json"):
+        assert (stopped / name).exists()
+
+
+@pytest.mark.backends("torch", reason="the error for a backend without a training loop")
+def test_pretraining_on_torch_says_which_backends_train(small_data, tmp_path):
+    with pytest.raises(RuntimeError, match="TensorFlow or the JAX backend"):
+        pt.pretrain(TINY_MODEL, small_data, str(tmp_path), steps=1, batch_size=8, verbose=0)
+
+
+def test_each_backend_refuses_the_others_distribution_setting(small_data, tmp_path):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        with pytest.raises(ValueError, match="distribution .* is for the JAX backend"):
+            pt.pretrain(TINY_MODEL, small_data, str(tmp_path), steps=1, batch_size=8,
+                        distribution="data_parallel", verbose=0)
+    elif backend == "jax":
+        with pytest.raises(ValueError, match="strategy and tpu .* are for the TensorFlow backend"):
+            pt.pretrain(TINY_MODEL, small_data, str(tmp_path), steps=1, batch_size=8,
+                        strategy="mirrored", verbose=0)
+        with pytest.raises(ValueError, match="distribution must be None, 'data_parallel'"):
+            pt.pretrain(TINY_MODEL, small_data, str(tmp_path), steps=1, batch_size=8,
+                        distribution="mirrored", verbose=0)
+    else:
+        pytest.skip("no training loop on this backend")
+
+
 # ---------------------------------------------------------------------------------------------------
 # MultiWorkerMirroredStrategy
 # ---------------------------------------------------------------------------------------------------
@@ -580,6 +640,8 @@ def free_ports(count):
     return ports
 
 
+@pytest.mark.tensorflow_only("tf.distribute.MultiWorkerMirroredStrategy; JAX's DataParallel "
+                             "is tested in test_backends")
 def test_two_workers_match_one_process_with_the_same_global_batch(small_data, tmp_path):
     steps, workers = 6, []
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}

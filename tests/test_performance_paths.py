@@ -1,0 +1,300 @@
+"""The fast paths: fused attention (keras.ops.dot_product_attention) against the explicit einsums
+and a NumPy reference, attention dropout in training, bf16 mixed precision against float32 and
+transformers' outputs on the real MiniLM, bucketed padding, projections as single matmuls.
+Speed itself is measured by scripts/benchmark.py, never here."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from bert4k import backend as K
+from bert4k import layers as L
+from bert4k.models import build_transformer_model
+from bert4k.snippets import bucket_length, sequence_padding
+
+numpy = keras.ops.convert_to_numpy  # tensors of any backend (torch's may require grad)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts calls of keras.ops.dot_product_attention (the layers look it up at call time)."""
+    calls = []
+    original = keras.ops.dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("scale"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(keras.ops, "dot_product_attention", counting)
+    return calls
+
+
+# -- a NumPy reference of one attention layer -----------------------------------------------------
+
+
+def numpy_attention(layer, q, k, v, bias, scale=True):
+    """softmax(q Wq (k Wk)^T / sqrt(d) + bias) v Wv, then Wo: written out per head and query."""
+    def dense(x, sub):
+        kernel, bias_ = (numpy(w) for w in sub.weights)
+        return x @ kernel + bias_
+
+    heads, size = layer.heads, layer.head_size
+    qw, kw, vw = dense(q, layer.q_dense), dense(k, layer.k_dense), dense(v, layer.v_dense)
+    batch, q_len, _ = q.shape
+    out = np.zeros((batch, q_len, heads * size))
+    for b in range(batch):
+        for h in range(heads):
+            cols = slice(h * size, (h + 1) * size)
+            logits = qw[b, :, cols] @ kw[b, :, cols].T
+            if scale:
+                logits = logits / math.sqrt(size)
+            logits = logits + np.broadcast_to(bias[b if bias.shape[0] > 1 else 0, 0],
+                                              logits.shape)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            out[b, :, cols] = probs @ vw[b, :, cols]
+    return dense(out, layer.o_dense)
+
+
+def attention_biases(rng, batch=3, length=7):
+    """Padding, causal and UniLM biases of some token ids with padding at the end."""
+    ids = rng.integers(1, 50, size=(batch, length))
+    ids[0, 5:] = 0
+    ids[1, 3:] = 0
+    segments = np.zeros_like(ids)
+    segments[:, 2:] = 1
+    segments[ids == 0] = 0
+    return {
+        "padding": numpy(K.padding_bias(ids)),
+        "causal": numpy(K.padding_bias(ids) + K.causal_bias(length)),
+        "unilm": numpy(K.padding_bias(ids) + K.unilm_bias(segments)),
+    }
+
+
+@pytest.mark.parametrize("mask", ["padding", "causal", "unilm"])
+def test_fused_and_explicit_attention_match_numpy(mask, fused_calls):
+    rng = np.random.default_rng(0)
+    bias = attention_biases(rng)[mask]
+    q, k, v = (rng.standard_normal((3, 7, 32)).astype("float32") for _ in range(3))
+    outputs = {}
+    for implementation in ("fused", "explicit"):
+        keras.utils.set_random_seed(3)
+        layer = L.MultiHeadAttention(heads=4, head_size=8, attention_implementation=implementation)
+        outputs[implementation] = numpy(layer([q, k, v], bias=bias))
+    assert len(fused_calls) == 1  # the fused layer took the fused path, the explicit one did not
+    expected = numpy_attention(layer, q, k, v, bias)
+    np.testing.assert_allclose(outputs["explicit"], expected, atol=1e-5)
+    np.testing.assert_allclose(outputs["fused"], expected, atol=1e-5)
+
+
+CASES = [  # (model, application, extra settings): every mask, position scheme and norm placement
+    ("bert", "encoder", {}),
+    ("bert", "lm", {}),
+    ("bert", "unilm", {}),
+    ("roformer", "encoder", {}),  # rotary positions, applied before the fused op
+    ("gpt2", "lm", {}),
+    ("t5_encoder", None, {}),  # T5: unscaled logits, position bias joins the mask bias
+    ("t5_decoder", None, {}),
+    ("bert", "encoder", dict(attention_head_size=16)),  # heads * size != hidden
+]
+
+
+def model_inputs(model, rng, batch=3, length=9, hidden=32):
+    ids = rng.integers(1, 120, size=(batch, length)).astype("int32")
+    ids[0, 6:] = 0
+    ids[2, 4:] = 0
+    segments = np.zeros_like(ids)
+    segments[:, 3:] = 1
+    segments[ids == 0] = 0
+    if model in ("gpt2", "t5_encoder"):
+        return [ids]
+    if model == "t5_decoder":
+        context = rng.standard_normal((batch, length, hidden)).astype("float32")
+        context[1, 5:] = 0  # a padded encoder output
+        return [context, ids]
+    return [ids, segments]
+
+
+@pytest.mark.parametrize("model,application,extra", CASES,
+                         ids=[f"{m}-{a}-{len(e)}" for m, a, e in CASES])
+def test_fused_model_matches_explicit_model(tiny_config, model, application, extra, fused_calls):
+    config = dict(tiny_config, **extra)
+    if model.startswith("t5"):
+        config.pop("segment_vocab_size")
+    inputs = model_inputs(model, np.random.default_rng(1))
+    outputs = {}
+    for implementation in ("explicit", "fused"):
+        keras.utils.set_random_seed(5)
+        built = build_transformer_model(model=model, application=application,
+                                        attention_implementation=implementation, **config)
+        outputs[implementation] = numpy(built(inputs))
+    assert len(fused_calls) >= config["num_hidden_layers"]
+    np.testing.assert_allclose(outputs["fused"], outputs["explicit"], atol=1e-5)
+
+
+@pytest.mark.parametrize("model,settings", [("nezha", {}),
+                                            ("bert", dict(residual_attention_scores=True))])
+def test_attention_needing_logits_or_relative_values_stays_explicit(tiny_config, model, settings,
+                                                                    fused_calls):
+    ids = np.random.default_rng(2).integers(1, 120, size=(2, 6)).astype("int32")
+    keras.utils.set_random_seed(5)
+    built = build_transformer_model(model=model, attention_implementation="fused",
+                                    **settings, **tiny_config)
+    built([ids, np.zeros_like(ids)])
+    assert fused_calls == []
+
+
+def test_attention_dropout_in_training_takes_the_explicit_path(fused_calls):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 32)).astype("float32")
+    bias = attention_biases(rng, batch=2, length=6)["padding"]
+    layer = L.MultiHeadAttention(heads=4, head_size=8, attention_dropout=0.5,
+                                 attention_implementation="fused")
+    inference = numpy(layer([x, x, x], bias=bias))
+    assert len(fused_calls) == 1
+    np.testing.assert_allclose(inference, numpy_attention(layer, x, x, x, bias), atol=1e-5)
+    trained = [numpy(layer([x, x, x], bias=bias, training=True)) for _ in range(300)]
+    assert len(fused_calls) == 1  # training with dropout never reached the fused op
+    # Dropout acts on the probabilities, with inverted scaling: every call differs from the
+    # inference output, and since the output is linear in the probabilities, their average
+    # converges to it (the error shrinks like 1 / sqrt(calls)).
+    single = np.abs(trained[0] - inference).mean()
+    average = np.abs(np.mean(trained, axis=0) - inference).mean()
+    assert single > 0.05 and average < single / 5
+
+
+def test_attention_implementation_is_checked_and_serialized():
+    with pytest.raises(ValueError, match="attention_implementation"):
+        L.MultiHeadAttention(heads=2, head_size=4, attention_implementation="flash")
+    layer = L.MultiHeadAttention(heads=2, head_size=4, attention_implementation="explicit")
+    assert L.MultiHeadAttention.from_config(layer.get_config()).attention_implementation == \
+        "explicit"
+
+
+# -- bf16 mixed precision -------------------------------------------------------------------------
+
+
+def test_mixed_bfloat16_policy_layers_and_outputs(tiny_config):
+    model = build_transformer_model(with_mlm=True, with_pool=True,
+                                    dtype_policy="mixed_bfloat16", **tiny_config)
+    attention = model.get_layer("Transformer-0-MultiHeadSelfAttention")
+    assert attention.compute_dtype == "bfloat16" and attention.q_dense.compute_dtype == "bfloat16"
+    assert model.get_layer("Transformer-0-FeedForward").compute_dtype == "bfloat16"
+    # The residual stream and the softmax heads stay float32.
+    for name in ("Transformer-0-MultiHeadSelfAttention-Norm", "Transformer-0-FeedForward-Add",
+                 "MLM-Activation"):
+        assert model.get_layer(name).compute_dtype == "float32", name
+    assert all(w.dtype == "float32" for w in model.weights)  # variables stay float32
+    ids = np.random.default_rng(0).integers(1, 120, size=(2, 8)).astype("int32")
+    pooled, probabilities = model.predict([ids, np.zeros_like(ids)], verbose=0)
+    assert pooled.dtype == np.float32 and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+
+
+def test_mixed_bfloat16_model_trains(tiny_config):
+    keras.utils.set_random_seed(0)
+    encoder = build_transformer_model(with_pool=True, dtype_policy="mixed_bfloat16",
+                                      dropout_rate=0.1, attention_dropout_rate=0.1, **tiny_config)
+    output = keras.layers.Dense(2, activation="softmax", dtype="float32")(encoder.output)
+    model = keras.Model(encoder.inputs, output)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 120, size=(8, 10)).astype("int32")
+    labels = (ids[:, 1] % 2).astype("int32")
+    before = [numpy(w) for w in model.trainable_weights]
+    losses = [float(model.train_on_batch([ids, np.zeros_like(ids)], labels)) for _ in range(15)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(w.dtype == "float32" for w in model.trainable_weights)
+    changed = [not np.array_equal(b, numpy(w)) for b, w in zip(before, model.trainable_weights)]
+    assert all(changed)
+
+
+@pytest.mark.slow
+def test_mixed_bfloat16_minilm_is_close_to_float32_and_transformers(minilm_dir,
+                                                                     minilm_reference):
+    ids, segments = minilm_reference["token_ids"], minilm_reference["segment_ids"]
+    expected = minilm_reference["sequence_output"]  # transformers (torch, float32)
+    outputs = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        model = build_transformer_model(minilm_dir / "config.json", minilm_dir,
+                                        dtype_policy=policy, attention_implementation="fused")
+        outputs[policy] = numpy(model.predict([ids, segments], verbose=0))
+    real = ids > 0
+    float32, bfloat16 = outputs["float32"][real], outputs["mixed_bfloat16"][real]
+    scale = np.abs(expected[real]).max()
+    np.testing.assert_allclose(float32, expected[real], atol=1e-4)
+    # bf16 keeps 8 bits of mantissa: every matmul input is rounded to 2^-9 relative. Against
+    # float32 and against transformers, the largest difference stays under 1% of the largest
+    # output; sentence embeddings (mean pooling) agree to a cosine of 0.9999.
+    assert np.abs(bfloat16 - float32).max() < 1e-2 * scale
+    assert np.abs(bfloat16 - expected[real]).max() < 1e-2 * scale
+    mask = real[..., None]
+    pooled = [(o * mask).sum(1) / mask.sum(1) for o in (outputs["float32"], outputs["mixed_bfloat16"])]
+    cosine = (pooled[0] * pooled[1]).sum(-1) / np.linalg.norm(pooled[0], axis=-1) / np.linalg.norm(
+        pooled[1], axis=-1)
+    assert cosine.min() > 0.9999
+
+
+# -- bucketed lengths for XLA -------------------------------------------------------------------
+
+
+def test_sequence_padding_buckets_lengths():
+    assert [bucket_length(n, 16) for n in (0, 1, 16, 17, 33)] == [16, 16, 16, 32, 48]
+    padded = sequence_padding([[1, 2, 3], [4]], multiple_of=4)
+    np.testing.assert_array_equal(padded, [[1, 2, 3, 0], [4, 0, 0, 0]])
+    # Explicit lengths win; 2-D padding buckets each sequence dimension.
+    assert sequence_padding([[1, 2, 3]], length=5, multiple_of=4).shape == (1, 5)
+    assert sequence_padding([np.ones((3, 5))], seq_dims=2, multiple_of=4).shape == (1, 4, 8)
+    # Batches of every length from 1 to 64 take four shapes instead of 64.
+    shapes = {sequence_padding([[7] * n], multiple_of=16).shape for n in range(1, 65)}
+    assert shapes == {(1, 16), (1, 32), (1, 48), (1, 64)}
+    with pytest.raises(ValueError, match="multiple_of"):
+        bucket_length(3, 0)
+
+
+def test_bucketed_padding_leaves_real_positions_unchanged(tiny_config):
+    model = build_transformer_model(**tiny_config)
+    rng = np.random.default_rng(4)
+    sequences = [list(rng.integers(1, 120, size=n)) for n in (9, 5, 7)]
+    tight = sequence_padding(sequences)
+    bucketed = sequence_padding(sequences, multiple_of=16)
+    assert bucketed.shape == (3, 16)
+    a = numpy(model([tight, np.zeros_like(tight)]))
+    b = numpy(model([bucketed, np.zeros_like(bucketed)]))
+    for row, sequence in enumerate(sequences):
+        np.testing.assert_allclose(b[row, :len(sequence)], a[row, :len(sequence)], atol=1e-5)
+
+
+# -- projections as single matmuls ----------------------------------------------------------------
+
+
+def test_projections_are_single_rank_two_kernels(tiny_config):
+    """Every attention and feed-forward projection is one [in, out] kernel (one matmul over all
+    heads), not a per-head [in, heads, size] einsum kernel."""
+    model = build_transformer_model(**tiny_config)
+    for index in range(tiny_config["num_hidden_layers"]):
+        attention = model.get_layer(f"Transformer-{index}-MultiHeadSelfAttention")
+        feed_forward = model.get_layer(f"Transformer-{index}-FeedForward")
+        for dense in (attention.q_dense, attention.k_dense, attention.v_dense, attention.o_dense,
+                      feed_forward.i0_dense, feed_forward.o_dense):
+            assert isinstance(dense, keras.layers.Dense) and len(dense.kernel.shape) == 2
+
+
+@pytest.mark.tensorflow_only("inspects the traced TensorFlow graph")
+def test_rank_three_projections_trace_to_one_matmul_each():
+    import tensorflow as tf
+
+    attention = L.MultiHeadAttention(heads=4, head_size=8)
+    feed_forward = L.FeedForward(64, activation="gelu")
+    spec = tf.TensorSpec((None, None, 32))
+    counts = {}
+    for name, fn in (("attention", lambda x: attention([x, x, x])),
+                     ("feed_forward", lambda x: feed_forward(x))):
+        fn(tf.zeros((1, 3, 32)))
+        graph = tf.function(fn).get_concrete_function(spec).graph
+        counts[name] = [op.type for op in graph.get_operations()].count("MatMul")
+    # q, k, v, o and the two feed-forward projections: one 2-D MatMul each over batch * length
+    # rows; the attention's two batched products are the only other contractions.
+    assert counts == {"attention": 4, "feed_forward": 2}
