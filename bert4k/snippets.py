@@ -784,6 +784,8 @@ def _pydataset_class():
           reading just before ``on_epoch_begin``, and their batches must not come twice);
         - a later batch padded shorter along a dimension Keras fixed (for example no text in it reaches
           ``maxlen``) is zero-padded up to that size instead of failing the epoch.
+        With ``workers > 1`` a thread may read a batch just before ``on_epoch_begin``; it is then taken
+        for a peek and not padded, so give such generators fixed-length batches (or workers=1).
         """
 
         def __init__(self, generator, random, workers, use_multiprocessing, max_queue_size):
