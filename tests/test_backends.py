@@ -1,7 +1,8 @@
 """The same bert4k on TensorFlow, JAX and PyTorch.
 
 The backend this suite runs on is compared, in this process, with the other two, each run in a
-subprocess (tests/backend_worker.py): one Keras process has one backend. Checked: the real MiniLM
+subprocess (tests/backend_worker.py): one Keras process has one backend. The TensorFlow run does
+the parity checks, the JAX run the JAX ones. Checked: the real MiniLM
 from its safetensors gives the same outputs everywhere, without importing TensorFlow on JAX and
 PyTorch; a Google checkpoint written here loads everywhere; a .keras file saved on any backend
 loads and predicts identically on the others. And on JAX, fine-tuning with `fit` and pretraining
@@ -112,11 +113,19 @@ def parity(minilm_dir, minilm_reference, tmp_path_factory):
     return results
 
 
+# The parity checks start the two other backends in subprocesses; once per CI run is enough,
+# from the default (TensorFlow) run. The code compares whichever backend runs here.
+default_run_only = pytest.mark.backends(
+    "tensorflow", reason="compares the three backends in subprocesses; runs once, in the "
+                         "TensorFlow (default) suite")
+
+
 def max_difference(a, b):
     return float(np.max(np.abs(np.asarray(a, "float64") - np.asarray(b, "float64"))))
 
 
 @pytest.mark.slow
+@default_run_only
 def test_minilm_gives_the_same_outputs_on_every_backend(parity, minilm_reference):
     real = minilm_reference["token_ids"] != 0
     here = parity[current()]
@@ -130,6 +139,7 @@ def test_minilm_gives_the_same_outputs_on_every_backend(parity, minilm_reference
 
 
 @pytest.mark.slow
+@default_run_only
 def test_safetensors_loading_does_not_import_tensorflow(parity):
     for backend in others():
         if backend != "tensorflow":
@@ -138,6 +148,7 @@ def test_safetensors_loading_does_not_import_tensorflow(parity):
 
 
 @pytest.mark.slow
+@default_run_only
 def test_a_google_checkpoint_loads_on_every_backend(parity):
     here = parity[current()]
     for backend in others():
@@ -149,6 +160,7 @@ def test_a_google_checkpoint_loads_on_every_backend(parity):
 
 
 @pytest.mark.slow
+@default_run_only
 def test_keras_files_load_and_predict_identically_across_backends(parity):
     checked = set()
     for loader, results in parity.items():

@@ -128,8 +128,9 @@ def test_language_model(tiny):
     assert math.isfinite(perplexity) and 1.0 < perplexity < 3 * TINY_CONFIG["vocab_size"]
 
 
-@pytest.mark.backends("tensorflow", "jax", reason="the main job pretrains, and pretraining has a "
-                      "TensorFlow and a JAX loop, none for PyTorch")
+@pytest.mark.tensorflow_only("the main job pretrains (no PyTorch loop), and on JAX its XLA "
+                             "compiles take minutes of CI; JaxTrainer and fit on JAX have their "
+                             "own tests (test_pretraining, test_backends)")
 def test_main_job_pretrains_then_compares_with_random_init(tmp_path, capsys):
     module = example("main_job")
     argv = ["--output", str(tmp_path), "--pretrain-steps", "3", "--pretrain-batch-size", "4",
