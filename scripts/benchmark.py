@@ -123,6 +123,8 @@ VARIANTS = {
     "bert4keras-tf-xla": ("bert4keras", "bert4keras", "xla", "float32"),
 }
 EXPLICIT_ATTENTION = {"bert4k-tf-graph-explicit", "bert4k-tf-xla-explicit"}
+# Measured again together in one process (Driver.run_head_to_head).
+HEAD_TO_HEAD = ["keras-hub-tf-graph", "keras-hub-tf-xla", "bert4k-tf-graph", "bert4k-tf-xla"]
 # What runs by default (about 20 minutes on 2 idle cores): MiniLM at two shapes with most variants,
 # BERT-base at every shape with both TensorFlow modes of each Keras peer and transformers (--all:
 # every variant, every shape, both models: about 50 minutes). --quick: a smoke run of about 10.
@@ -201,10 +203,43 @@ def measure(fn, warmup, min_time, min_reps, max_reps=50, statistic="median"):
         fn()
         times.append(time.perf_counter() - start)
         cpus.append(cpu_seconds() - cpu)
+    return summarize(first, times, cpus, statistic)
+
+
+def summarize(first, times, cpus, statistic):
     median = statistics.median(times)
     return dict(first_call=first, seconds=min(times) if statistic == "min" else median,
                 median_seconds=median, min_seconds=min(times), reps=len(times),
                 cpu=statistics.median(cpus))
+
+
+def measure_interleaved(fns, warmup, min_time, min_reps, max_reps=50, statistic="median"):
+    """`measure` for several functions (name -> fn) at once, their timed calls taken in turn, so
+    that load from elsewhere on a shared machine falls on all of them alike: their ratios stay
+    fair when their absolute times are not. Each gets at least min_reps calls and together
+    min_time seconds per function."""
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    cpus = {name: [] for name in fns}
+    began = time.perf_counter()
+    while True:
+        for name, fn in fns.items():
+            cpu, start = cpu_seconds(), time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            cpus[name].append(cpu_seconds() - cpu)
+        reps = len(times[name])
+        elapsed = time.perf_counter() - began
+        if reps >= min_reps and (elapsed >= min_time * len(fns) or reps >= max_reps):
+            break
+    return {name: summarize(first[name], times[name], cpus[name], statistic) for name in fns}
 
 
 def rss_mib():
@@ -418,12 +453,40 @@ class TransformersRunner:
         return step
 
 
+def make_runner(job):
+    return TransformersRunner(job) if job["impl"] == "transformers" else KerasRunner(job)
+
+
+def worker_group(job):
+    """Inference of several variants of one environment in one process, their calls interleaved
+    (measure_interleaved); records say interleaved=True, and their RSS is the group's."""
+    import numpy as np
+
+    infers = {}
+    for member in job["group"]:
+        started = time.perf_counter()
+        infers[member["variant"]] = make_runner(dict(job, **member)).inference()
+        emit(dict(variant=member["variant"], model=job["model"], kind="load",
+                  seconds=time.perf_counter() - started))
+    for index, (batch, length) in enumerate(job["shapes"]):
+        tokens, segments, _ = make_inputs(batch, length)
+        fns = {name: (lambda infer=infer: infer(tokens, segments)) for name, infer in infers.items()}
+        results = measure_interleaved(fns, **job["timing"])
+        for member in job["group"]:
+            name = member["variant"]
+            if index == 0 and member.get("save_output"):
+                np.save(member["save_output"], infers[name](tokens, segments)[0])
+            emit(dict(variant=name, model=job["model"], kind=job.get("kind", "inference"),
+                      batch=batch, length=length, interleaved=True, **results[name],
+                      tokens_per_s=batch * length / results[name]["seconds"], rss_mib=rss_mib()))
+
+
 def worker_model(job):
     """Inference shapes then the fine-tuning step, for one variant and one model."""
     import numpy as np
 
     base = dict(variant=job["variant"], model=job["model"])
-    runner = TransformersRunner(job) if job["impl"] == "transformers" else KerasRunner(job)
+    runner = make_runner(job)
     timing = job["timing"]
     if job["shapes"]:
         started = time.perf_counter()
@@ -733,7 +796,7 @@ def worker_versions(job):
 
 
 def run_worker(job):
-    {"model": worker_model, "scaling": worker_scaling, "peak": worker_peak,
+    {"model": worker_model, "group": worker_group, "scaling": worker_scaling, "peak": worker_peak,
      "tokenizer": worker_tokenizer, "pretraining": worker_pretraining, "assets": worker_assets,
      "versions": worker_versions}[job["job"]](job)
 
@@ -801,6 +864,53 @@ class Driver:
         self.records.extend(records)
         return records
 
+    def run_model_jobs(self, model, pass_index):
+        """One pass over a model's variants (later passes in reverse order, so that no variant
+        is always measured at the same moment of the run). bert4k's own TensorFlow variants
+        (environment 'main') run their inference together, interleaved, unless --no-interleave;
+        every variant's training step runs in a process of its own (its memory is its own)."""
+        a = self.args
+        shapes = [list(s) for s in a.plan[model]["shapes"]] if a.inference else []
+        train = list(TRAIN_SHAPE) if a.training else None
+        variants = list(a.plan[model]["variants"])
+        variants = variants[::-1] if pass_index % 2 else variants
+        suffix = f"-pass{pass_index + 1}" if a.passes > 1 else ""
+
+        def job_for(variant, **extra):
+            env, impl, mode, precision = VARIANTS[variant]
+            return dict(job="model", variant=variant, model=model, impl=impl, mode=mode,
+                        precision=precision, timing=self.timing(),
+                        save_output=str(Path(a.output) / f"out-{variant}-{model}.npy"), **extra)
+
+        grouped = [v for v in variants if VARIANTS[v][0] == "main"] if a.interleave else []
+        if shapes and len(grouped) > 1:
+            group = [{k: job_for(v)[k] for k in ("variant", "impl", "mode", "precision",
+                                                 "save_output")} for v in grouped]
+            self.run("main", dict(job="group", model=model, group=group, shapes=shapes,
+                                  timing=self.timing()), f"bert4k-tf-interleaved-{model}{suffix}")
+        else:
+            grouped = []
+        for variant in variants:
+            own_shapes = [] if variant in grouped else shapes
+            if own_shapes or train:
+                self.run(VARIANTS[variant][0], job_for(variant, shapes=own_shapes, train=train),
+                         f"{variant}-{model}{suffix}")
+
+    def run_head_to_head(self, model):
+        """bert4k and keras-hub in one process (keras-hub's environment, which has the same
+        Keras and TensorFlow; bert4k comes from PYTHONPATH), calls interleaved: a comparison that
+        load from other processes cannot tilt. bert4keras cannot join: with TF_USE_LEGACY_KERAS=1,
+        `import keras` gives Keras 2 in that process."""
+        a = self.args
+        group = []
+        for variant in HEAD_TO_HEAD:
+            _, impl, mode, precision = VARIANTS[variant]
+            group.append(dict(variant=variant, impl=impl, mode=mode, precision=precision))
+        shapes = [list(s) for s in a.plan[model]["shapes"]]
+        self.run("keras-hub", dict(job="group", kind="headtohead", model=model, group=group,
+                                   shapes=shapes, timing=self.timing()),
+                 f"head-to-head-{model}")
+
     def timing(self):
         a = self.args
         return dict(warmup=a.warmup, min_time=a.min_time, min_reps=a.min_reps, statistic=a.statistic)
@@ -820,16 +930,12 @@ class Driver:
                 self.run(env, dict(job="versions", env=env), f"versions-{env}", timeout=120)
         for env in ("main", "torch", "jax"):
             self.run(env, dict(job="peak", env=env, n=a.matmul_size), f"peak-{env}", timeout=600)
-        if a.inference or a.training:
+        for pass_index in range(a.passes if (a.inference or a.training) else 0):
             for model in a.models:
-                shapes = [list(s) for s in a.plan[model]["shapes"]] if a.inference else []
-                for variant in a.plan[model]["variants"]:
-                    env, impl, mode, precision = VARIANTS[variant]
-                    train = list(TRAIN_SHAPE) if a.training else None
-                    job = dict(job="model", variant=variant, model=model, impl=impl, mode=mode,
-                               precision=precision, shapes=shapes, train=train, timing=self.timing(),
-                               save_output=str(Path(a.output) / f"out-{variant}-{model}.npy"))
-                    self.run(env, job, f"{variant}-{model}")
+                self.run_model_jobs(model, pass_index)
+        if a.inference and a.head_to_head:
+            for model in a.models:
+                self.run_head_to_head(model)
         if a.scaling:
             env, impl, mode, precision = VARIANTS[a.scaling_variant]
             lengths = [128, 256, 512, 1024]
@@ -866,6 +972,8 @@ class Driver:
         print()
         print(report)
         print(f"written to {out / 'benchmark.md'} and {out / 'benchmark.json'}")
+        if a.readme:
+            write_readme(a.readme, report)
 
 
 def machine():
@@ -904,10 +1012,26 @@ def fmt(x, digits=0):
     return f"{x:,.{digits}f}"
 
 
+CONTENDED = 1.4  # cores busy below this: another process took CPU time during the measurement
+
+
+def best_passes(records):
+    """With --passes N, each measurement's best pass (most tokens/s); other records as they are."""
+    best, others = {}, []
+    for r in records:
+        if r["kind"] in ("inference", "training", "scaling", "headtohead"):
+            key = (r["kind"], r["variant"], r["model"], r["batch"], r["length"])
+            if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+                best[key] = r
+        elif r["kind"] != "load":
+            others.append(r)
+    return others + list(best.values())
+
+
 class Report:
     def __init__(self, driver):
         self.d = driver
-        self.records = driver.records
+        self.records = best_passes(driver.records)
         peaks = [r for r in self.records if r["kind"] == "peak" and "gflops" in r]
         self.peaks = peaks
         self.peak32 = max((r["gflops"] for r in peaks if r["dtype"] == "float32"), default=None)
@@ -942,6 +1066,11 @@ class Report:
             f"{a.statistic} of at least {a.min_reps} calls and {a.min_time:g} s. 'cores busy' = the "
             "process's CPU time / wall time: under 2 means the work did not spread over both "
             "cores, or another process was competing for them",
+            f"- † after a figure: cores busy under {CONTENDED} during that measurement (contended, "
+            "or the work did not spread); 'shared': bert4k's TensorFlow variants were measured in "
+            "one process, their calls interleaved, so their ratios are fair under load; their "
+            "inference RSS is the whole group's"
+            + (f"; best of {a.passes} passes" if getattr(a, "passes", 1) > 1 else ""),
         ]
         for r in self.select(kind="versions"):
             packages = ", ".join(f"{k} {v}" for k, v in r["packages"].items())
@@ -950,6 +1079,8 @@ class Report:
         for model in a.models:
             if self.select(kind="inference", model=model) or self.select(kind="training", model=model):
                 lines += [self.model_table(model), ""]
+        if self.select(kind="headtohead"):
+            lines += [self.head_to_head_table(), ""]
         if self.select(kind="scaling"):
             lines += [self.scaling_table(), ""]
         if self.select(kind="tokenizer"):
@@ -998,16 +1129,23 @@ class Report:
             if not infer and not train:
                 continue
             cells = []
+
+            def flag(r):
+                return "†" if busy_cores(r) < CONTENDED else ""
+
             for shape in shapes:
                 r = infer.get(shape)
-                cells.append(f"{fmt(r['tokens_per_s'])} ({self.fraction(r):.0%})" if r else "-")
-            cells.append(f"{fmt(train['tokens_per_s'])} ({self.fraction(train, True):.0%})" if train else "-")
+                cells.append(f"{fmt(r['tokens_per_s'])} ({self.fraction(r):.0%}){flag(r)}"
+                             if r else "-")
+            cells.append(f"{fmt(train['tokens_per_s'])} ({self.fraction(train, True):.0%})"
+                         f"{flag(train)}" if train else "-")
             first = infer.get((8, 128))
             cells.append(fmt(first["first_call"], 1) if first else "-")
             busy = [f"{busy_cores(r):.1f}" if r else "-" for r in (first, train)]
             cells.append(" / ".join(busy))
             rss_infer = max((r["rss_mib"] for r in infer.values()), default=None)
-            cells.append(f"{fmt(rss_infer)} / {fmt(train['rss_mib']) if train else '-'}")
+            shared = " (shared)" if any(r.get("interleaved") for r in infer.values()) else ""
+            cells.append(f"{fmt(rss_infer)}{shared} / {fmt(train['rss_mib']) if train else '-'}")
             cells.append(self.output_difference(variant, model, reference))
             rows.append(f"| {variant} | " + " | ".join(cells) + " |")
         return "\n".join(rows)
@@ -1027,6 +1165,31 @@ class Report:
         if numbers:
             return difference, difference / float(np.max(np.abs(expected)))
         return f"{difference:.1e}"
+
+    def head_to_head_table(self):
+        rows = ["### Head to head: bert4k and keras-hub in one process, calls interleaved", "",
+                "tokens/s (x: against the faster keras-hub mode at that shape). The same Keras "
+                "and TensorFlow (keras-hub's environment); load from other processes falls on "
+                "both alike.", ""]
+        for model in self.d.args.models:
+            records = self.select(kind="headtohead", model=model)
+            if not records:
+                continue
+            shapes = sorted({(r["batch"], r["length"]) for r in records},
+                            key=lambda s: (s[1], s[0]))
+            rows += [f"{MODEL_TITLES[model]}:", "",
+                     "| variant | " + " | ".join(f"{b}x{n}" for b, n in shapes) + " |",
+                     "|---" * (len(shapes) + 1) + "|"]
+            for variant in HEAD_TO_HEAD:
+                cells = []
+                for b, n in shapes:
+                    r = self.one(kind="headtohead", model=model, variant=variant, batch=b, length=n)
+                    hub = self.best("keras-hub-", model, "headtohead", (b, n))
+                    cells.append(f"{fmt(r['tokens_per_s'])} (x{r['tokens_per_s'] / hub['tokens_per_s']:.2f})"
+                                 if r and hub else "-")
+                rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+            rows.append("")
+        return "\n".join(rows)
 
     def scaling_table(self):
         rows = []
@@ -1121,6 +1284,16 @@ class Report:
                             row(f"{model} {kind} {shape[0]}x{shape[1]}: bert4k >= {peer[:-1]}",
                                 f"{mine['variant']} {fmt(mine['tokens_per_s'])} vs {theirs['variant']} "
                                 f"{fmt(theirs['tokens_per_s'])} tokens/s (x{ratio:.2f})", ratio >= 1.0)
+        for model in self.d.args.models:
+            shapes = sorted({(r["batch"], r["length"]) for r in self.select(kind="headtohead",
+                                                                           model=model)})
+            for shape in shapes:
+                mine = self.best("bert4k-", model, "headtohead", shape)
+                theirs = self.best("keras-hub-", model, "headtohead", shape)
+                if mine and theirs:
+                    ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
+                    row(f"{model} inference {shape[0]}x{shape[1]}: bert4k >= keras-hub, head to head",
+                        f"{mine['variant']} vs {theirs['variant']}: x{ratio:.2f}", ratio >= 1.0)
         mine = self.best("bert4k-", "base", "inference", (8, 128))
         if mine:
             f = self.fraction(mine)
@@ -1195,8 +1368,15 @@ def parse_args(argv=None):
     p.add_argument("--min-reps", type=int, help="timed calls per measurement at least (default 3, quick 2)")
     p.add_argument("--statistic", choices=["median", "min"], default="median",
                    help="of the timed calls (min is steadier on a shared machine)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="measure every variant this many times (alternating order) and report "
+                        "each one's best pass: steadier on a shared machine, N times longer")
+    p.add_argument("--no-head-to-head", dest="head_to_head", action="store_false",
+                   help="skip the head-to-head inference of bert4k and keras-hub in one process")
+    p.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="measure bert4k's TensorFlow variants one process each, not interleaved")
     p.add_argument("--matmul-size", type=int, default=3072)
-    p.add_argument("--scaling-variant", default="bert4k-tf-xla")
+    p.add_argument("--scaling-variant", default="bert4k-tf-graph")
     p.add_argument("--scaling-models", help="default minilm")
     p.add_argument("--scaling-batch", type=int, default=4, help="batch of the length sweep")
     p.add_argument("--tokenizer-passes", type=int, help="default 2, quick 1")
@@ -1210,6 +1390,9 @@ def parse_args(argv=None):
     p.add_argument("--output", default=str(BENCH / "results"))
     p.add_argument("--report-only", action="store_true",
                    help="print the tables of the last run in --output again, measuring nothing")
+    p.add_argument("--readme", metavar="PATH",
+                   help="also write the tables into PATH (README.md) between the lines "
+                        f"{README_BEGIN!r} and {README_END!r}")
     a = p.parse_args(argv)
     if a.worker:
         return a
@@ -1244,6 +1427,25 @@ def parse_args(argv=None):
     return a
 
 
+README_BEGIN = "<!-- benchmark.py tables: begin -->"
+README_END = "<!-- benchmark.py tables: end -->"
+
+
+def write_readme(path, report):
+    """Replace what lies between README_BEGIN and README_END in `path` with `report` (the rest of
+    the file, prose included, stays as it is)."""
+    text = Path(path).read_text(encoding="utf-8")
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"--readme: {path} has no {README_BEGIN!r} ... {README_END!r} block")
+    # One heading level down: the tables sit under the README's own "## Performance" heading.
+    tables = "\n".join("#" + line if line.startswith("### ") else line
+                       for line in report.splitlines())
+    text = text[:start + len(README_BEGIN)] + "\n\n" + tables.strip() + "\n\n" + text[end:]
+    Path(path).write_text(text, encoding="utf-8")
+    print(f"tables written into {path}")
+
+
 def report_only(args):
     """Render the tables again from --output's benchmark.json (e.g. after changing the report)."""
     saved = json.loads((Path(args.output) / "benchmark.json").read_text())
@@ -1254,12 +1456,15 @@ def report_only(args):
     driver.args.output = args.output
     saved_args = vars(driver.args)
     saved_args.setdefault("statistic", "median")
+    saved_args.setdefault("passes", 1)
     if "plan" not in saved_args:  # a run from before per-model plans
         saved_args["plan"] = {m: dict(variants=saved_args["variants"], shapes=saved_args["shapes"])
                               for m in saved_args["models"]}
     report = Report(driver).markdown()
     (Path(args.output) / "benchmark.md").write_text(report)
     print(report)
+    if args.readme:
+        write_readme(args.readme, report)
 
 
 def main(argv=None):

@@ -231,7 +231,7 @@ def test_mixed_bfloat16_minilm_is_close_to_float32_and_transformers(minilm_dir,
     assert np.abs(bfloat16 - float32).max() < 1e-2 * scale
     assert np.abs(bfloat16 - expected[real]).max() < 1e-2 * scale
     mask = real[..., None]
-    pooled = [(o * mask).sum(1) / mask.sum(1) for o in (outputs["float32"], outputs["mixed_bfloat16"])]
+    pooled = [(outputs[p] * mask).sum(1) / mask.sum(1) for p in ("float32", "mixed_bfloat16")]
     cosine = (pooled[0] * pooled[1]).sum(-1) / np.linalg.norm(pooled[0], axis=-1) / np.linalg.norm(
         pooled[1], axis=-1)
     assert cosine.min() > 0.9999
@@ -298,3 +298,61 @@ def test_rank_three_projections_trace_to_one_matmul_each():
     # q, k, v, o and the two feed-forward projections: one 2-D MatMul each over batch * length
     # rows; the attention's two batched products are the only other contractions.
     assert counts == {"attention": 4, "feed_forward": 2}
+
+
+# -- the benchmark's bookkeeping (its timings are never asserted) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("bert4k_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_flops_count_every_matmul(benchmark):
+    """FLOPs per token against a count of the encoder's matmuls, one by one."""
+    c = benchmark.MODELS["base"]
+    layers, hidden, inner = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
+    length = 128
+    per_token = 0
+    for _ in range(layers):
+        per_token += 3 * 2 * hidden * hidden  # q, k, v projections
+        per_token += 2 * length * hidden  # q . k for every key, all heads together
+        per_token += 2 * length * hidden  # probabilities . v
+        per_token += 2 * hidden * hidden  # output projection
+        per_token += 2 * hidden * inner + 2 * inner * hidden  # feed-forward
+    assert benchmark.flops_per_token("base", length) == per_token
+    assert benchmark.flops_per_token("base", length, training=True) == 3 * per_token
+
+
+def test_benchmark_keeps_each_measurements_best_pass(benchmark):
+    record = dict(kind="inference", variant="bert4k-tf-graph", model="minilm", batch=8, length=128)
+    records = [dict(record, tokens_per_s=5.0), dict(record, tokens_per_s=7.0),
+               dict(record, batch=1, tokens_per_s=3.0), dict(kind="peak", gflops=1.0)]
+    kept = benchmark.best_passes(records)
+    assert sorted(r.get("tokens_per_s", 0) for r in kept) == [0, 3.0, 7.0]
+
+
+def test_benchmark_interleaved_measurement_calls_each_in_turn(benchmark):
+    calls = []
+    results = benchmark.measure_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        warmup=1, min_time=0.0, min_reps=3)
+    assert calls == ["a", "b"] * 4  # the first (compiling) call of each, then 3 rounds
+    assert results["a"]["reps"] == results["b"]["reps"] == 3
+
+
+def test_benchmark_writes_only_its_readme_block(benchmark, tmp_path):
+    readme = tmp_path / "README.md"
+    begin, end = benchmark.README_BEGIN, benchmark.README_END
+    readme.write_text(f"# x\n\nprose\n\n{begin}\nold\n{end}\n\nmore\n")
+    benchmark.write_readme(readme, "### Machine\n\n| a |\n\n### Goals\n")
+    text = readme.read_text()
+    assert "old" not in text and "#### Machine" in text and "#### Goals" in text
+    assert text.startswith(f"# x\n\nprose\n\n{begin}") and text.endswith(f"{end}\n\nmore\n")
