@@ -7,9 +7,18 @@ A separate module because it is a second way of running a built model, not a fam
 read and write a key/value buffer and position layers use the tokens' real positions. Every
 family decodes through the same hooks it was built with; nothing is written twice.
 
-The buffer has a fixed number of slots per row. Row b's prompt fills slots 0..len_b-1 and each
-new token goes to the next free slot, so rows of different lengths decode together exactly as
-they would alone, and a step costs the same whatever the output length.
+The buffer has a number of slots per row. Row b's prompt fills slots 0..len_b-1 and each new
+token goes to the next free slot, so rows of different lengths decode together exactly as they
+would alone. A step's cost should not depend on how long the output will be, so a step touches
+the buffers as little as it can; each of these was a pass over the whole buffer per step:
+- the buffers stay backend tensors between steps (no NumPy copy out of and into each step),
+  and beam search's row selection is a gather inside the next step (not eager ops per buffer);
+- keys and values are head-major, [batch, heads, slots, size]: the attention's matmuls read
+  that layout as it is, where [batch, slots, heads, size] was transposed in every layer;
+- a step scatters its new keys and values into their slots, instead of rewriting every slot;
+- the buffers grow in power-of-two buckets of slots as the rows grow (at least MIN_SLOTS), so a
+  step attends over at most twice the slots in use, not over the whole capacity, and the step
+  function is traced or compiled once per bucket, not once per capacity.
 """
 
 import keras
@@ -21,12 +30,15 @@ from bert4k import layers as L
 
 
 class LayerCache:
-    """One self-attention layer's keys and values for every slot: [batch, slots, heads, size]."""
+    """One self-attention layer's keys and values for every slot: [batch, heads, slots, size],
+    head-major for the attention's matmuls (see layers.MultiHeadAttention.call)."""
 
     def __init__(self, state, key, value):
         self.state, self.key, self.value = state, key, value
 
     def update(self, key, value):
+        """Write this step's [batch, new tokens, heads, size] keys and values; returns the
+        buffers."""
         self.key = self.state.write(self.key, key)
         self.value = self.state.write(self.value, value)
         return self.key, self.value
@@ -43,9 +55,10 @@ class DecodingState:
 
     def __init__(self, inputs, num_layers):
         slots = ops.shape(inputs["valid"])[1]
-        written = ops.cast(inputs["token_mask"], "float32")
-        # [batch, new tokens, slots]: one-hot of each real new token's slot.
-        self.write_matrix = ops.one_hot(inputs["positions"], slots) * written[..., None]
+        self.written = ops.cast(inputs["token_mask"], "float32")
+        # [batch, new tokens, slots]: one-hot of each real new token's slot. Only for the small
+        # per-slot flags below; keys and values are scattered (see `write`).
+        self.write_matrix = ops.one_hot(inputs["positions"], slots) * self.written[..., None]
         self.positions = inputs["positions"]
         written_slots = ops.sum(self.write_matrix, axis=1)
         self.valid = ops.maximum(inputs["valid"], written_slots)
@@ -58,11 +71,26 @@ class DecodingState:
         self.layer_caches = []
 
     def write(self, buffer, new):
-        keep = 1 - ops.sum(self.write_matrix, axis=1)
-        placed = ops.einsum("bts,btnd->bsnd", ops.cast(self.write_matrix, new.dtype), new)
+        """`buffer` with the new tokens' keys (or values) in their slots. A scatter touches the
+        new slots only: rewriting every slot (buffer * keep + placed) cost a pass over the
+        whole buffer per layer and step, which grew with the slots.
+        Padding tokens (token_mask 0) write zeros into slots past their row's length, which
+        stay invalid (zero, as before) until the row's own tokens overwrite them."""
         # The buffers stay float32 under a bf16 policy (the attention casts them back).
-        placed = ops.cast(placed, buffer.dtype)
-        return buffer * ops.cast(keep, buffer.dtype)[:, :, None, None] + placed
+        new = ops.cast(new, buffer.dtype) * ops.cast(self.written, buffer.dtype)[..., None, None]
+        heads, size = new.shape[2], new.shape[3]
+        updates = ops.reshape(ops.transpose(new, (0, 2, 1, 3)), (-1, size))
+        return ops.scatter_update(buffer, self._write_indices(heads), updates)
+
+    def _write_indices(self, heads):
+        """[batch * heads * new tokens, 3]: the (row, head, slot) of every new token's key, in
+        the order of the head-major updates. Padding tokens included (they write zeros)."""
+        shape = (ops.shape(self.positions)[0], heads, ops.shape(self.positions)[1])
+        dtype = self.positions.dtype
+        rows = ops.broadcast_to(ops.reshape(ops.arange(shape[0], dtype=dtype), (-1, 1, 1)), shape)
+        head = ops.broadcast_to(ops.reshape(ops.arange(heads, dtype=dtype), (1, -1, 1)), shape)
+        slots = ops.broadcast_to(ops.expand_dims(self.positions, 1), shape)
+        return ops.reshape(ops.stack([rows, head, slots], axis=-1), (-1, 3))
 
     def attention_bias(self, mode, dtype="float32"):
         """[batch, 1, new tokens, slots]: causal or UniLM visibility over the filled slots."""
@@ -105,10 +133,13 @@ class CachedStep(keras.Model):
     """One decoding step of a built Transformer, compiled by Keras on any backend.
 
     Inputs (a dict): token_ids, segment_ids, token_mask, positions [batch, new tokens]; last
-    [batch] (which new token's distribution to return); valid, segments [batch, slots]; and
-    key_i, value_i [batch, slots, heads, size] for each block. Outputs: probas [batch, vocab]
-    and the updated buffers.
+    [batch] (which new token's distribution to return); rows [batch] (which row of the
+    buffers each row continues); the buffers: valid, segments [rows, slots], key_i, value_i
+    [rows, heads, slots, size] for each block, and an encoder-decoder's context [rows, length,
+    hidden]. Outputs: probas [batch, vocab] and the updated buffers, [batch, ...].
     """
+
+    STEP_INPUTS = ("token_ids", "segment_ids", "token_mask", "positions", "last", "rows")
 
     def __init__(self, transformer, **kwargs):
         super().__init__(**kwargs)
@@ -117,6 +148,7 @@ class CachedStep(keras.Model):
 
     def call(self, inputs):
         t = self.transformer
+        inputs = self._select_rows(inputs)
         model_inputs = t.decoding_inputs(inputs)
         state = DecodingState(inputs, t.num_hidden_layers)
         t.compute_attention_bias(model_inputs)  # for its side effects (T5's context bias)
@@ -129,7 +161,17 @@ class CachedStep(keras.Model):
         output = output[-1] if isinstance(output, (list, tuple)) else output
         last = ops.expand_dims(ops.expand_dims(inputs["last"], 1), 2)
         probas = ops.squeeze(ops.take_along_axis(output, last, axis=1), 1)
-        return dict(state.outputs(), probas=probas)
+        result = dict(state.outputs(), probas=probas)
+        if "context" in inputs:
+            result["context"] = inputs["context"]
+        return result
+
+    def _select_rows(self, inputs):
+        """The buffers' rows for this step's rows. Beam search keeps, drops and repeats rows
+        between steps; gathering them here, inside the compiled step, costs one copy, where a
+        gather per buffer on the host costs a dozen eager ops (milliseconds a step)."""
+        return {k: v if k in self.STEP_INPUTS else ops.take(v, inputs["rows"], axis=0)
+                for k, v in inputs.items()}
 
 
 def _step_model(transformer):
@@ -140,10 +182,61 @@ def _step_model(transformer):
     return transformer.cached_step
 
 
+def _step_function(step_model):
+    """The step model as a compiled function from backend tensors to backend tensors (kept on
+    the model, like the model itself). `predict_on_batch` would copy every output to NumPy and
+    back into the next step: a pass over the whole buffer, twice a step."""
+    if getattr(step_model, "run_step", None) is None:
+        jax = keras.backend.backend() == "jax"
+        step_model.run_step = (_jax_step_function if jax else _keras_step_function)(step_model)
+    return step_model.run_step
+
+
+def _keras_step_function(step_model):
+    """Keras's own predict function: on TensorFlow a tf.function (shapes relaxed after a
+    retrace), on PyTorch eager under no_grad. Both take and return tensors; predict_on_batch
+    only adds the NumPy copies."""
+
+    def run_step(inputs):
+        step_model.make_predict_function()  # made once, unless compile() resets it
+        return step_model.predict_function([(inputs,)])
+
+    return run_step
+
+
+def _jax_step_function(step_model):
+    """jax.jit of the stateless call. Keras's own JAX predict function donates the weights
+    and writes them back into the model every call; this one only reads them."""
+    import jax  # only on the JAX backend
+
+    @jax.jit
+    def stateless_step(trainable, non_trainable, inputs):
+        return step_model.stateless_call(trainable, non_trainable, inputs)[0]
+
+    def run_step(inputs):
+        if not step_model.built:  # stateless_call needs the weights to exist
+            if all(layer.built for layer in step_model.shared_layers):
+                step_model.built = True  # the builder's layers: nothing new to create
+            else:
+                with keras.StatelessScope():  # what predict_on_batch does to build
+                    step_model(inputs)
+        return stateless_step([v.value for v in step_model.trainable_variables],
+                              [v.value for v in step_model.non_trainable_variables], inputs)
+
+    return run_step
+
+
 def _bucket(size, cap=None):
     """The next power of two >= size (at most `cap`)."""
     bucket = 1 << max(int(size) - 1, 0).bit_length()
     return min(bucket, cap) if cap else bucket
+
+
+def _pad(tensor, axis, extra):
+    """`tensor` with `extra` zeros appended along `axis`."""
+    widths = [(0, 0)] * len(tensor.shape)
+    widths[axis] = (0, extra)
+    return ops.pad(tensor, widths)
 
 
 def _right_padded(sequences):
@@ -153,9 +246,15 @@ def _right_padded(sequences):
     return array
 
 
+# A buffer's smallest number of slots: attending over a few dozen slots costs next to nothing,
+# while every new bucket costs a retrace (TensorFlow) or a compilation (JAX).
+MIN_SLOTS = 32
+
+
 class KVCache:
-    """The NumPy side of cached decoding: the buffers between steps, and row selection for beam
-    search. `start` runs the prompts, `step` one new token per row."""
+    """The host side of cached decoding: the buffers (backend tensors) between steps, and row
+    selection for beam search. `start` runs the prompts, `step` one new token per row.
+    `max_length` is the capacity (prompt and new tokens); the buffers grow towards it."""
 
     def __init__(self, transformer, max_length):
         # An encoder-decoder (T5) encodes once; its decoder steps with the context as an input.
@@ -163,16 +262,18 @@ class KVCache:
         self.transformer = getattr(transformer, "decoder_builder", transformer)
         self.max_length = max_length
         self.step_model = _step_model(self.transformer)
+        self.run_step = _step_function(self.step_model)
+        # valid, segments, key_i, value_i (and an encoder-decoder's context), as the last step
+        # left them; `rows` says which of their rows each current row continues (None: all, in
+        # order), applied inside the next step.
         self.buffers = None
-        self.lengths = None
+        self.rows = None
+        self.lengths = None  # [current rows]
         # JAX compiles one XLA program per input shape (seconds each), and beam search changes
         # the number of rows as beams end. Rounding the rows and the prompt width up to powers
         # of two bounds the programs to a handful; the extra rows and tokens are masked out.
         # TensorFlow relaxes its traced shapes itself, and PyTorch runs eagerly.
         self.bucketed = keras.backend.backend() == "jax"
-        # The buffers' slots too (max_length stays the capacity in use): a decoder sizes its
-        # cache from the longest prompt of each call.
-        self.slots = _bucket(max_length) if self.bucketed else max_length
 
     def start(self, token_ids, segment_ids=None, encoder_token_ids=None):
         """Run ragged prompts (lists of ids); returns each row's next-token distribution. An
@@ -185,7 +286,7 @@ class KVCache:
                 f"{self.max_length} slots."
             )
         width = int(self.lengths.max())
-        if self.bucketed:  # the padding's token_mask is 0: it writes no slot
+        if self.bucketed:  # the padding's token_mask is 0: its slots stay empty and invalid
             width = _bucket(width, cap=self.max_length - 1)
         ids = np.zeros((batch, width), "int32")
         segments = np.zeros((batch, width), "int32")
@@ -195,15 +296,11 @@ class KVCache:
             if segment_ids is not None:
                 segments[row, : len(sequence)] = segment_ids[row]
             mask[row, : len(sequence)] = 1
-        self.buffers = self._empty_buffers(batch)
+        # Room for the prompt (its padding writes too) and the first new token.
+        self.buffers = self._empty_buffers(batch, _bucket(max(width + 1, MIN_SLOTS)))
         if self.encoder is not None:
-            encoder_ids = _right_padded(encoder_token_ids)
-            if self.bucketed:  # the encoder hides its padding (token id 0), from itself too
-                rows, length = encoder_ids.shape
-                encoder_ids = np.pad(encoder_ids,
-                                     [(0, _bucket(rows) - rows), (0, _bucket(length) - length)])
-            context = self.encoder.predict_on_batch([encoder_ids])  # its one input, as a list
-            self.buffers["context"] = np.asarray(context)[:batch]
+            self.buffers["context"] = self._encode(encoder_token_ids)
+        self.rows = None
         positions = np.tile(np.arange(width, dtype="int32"), (batch, 1))
         return self._run(ids, segments, mask, positions, self.lengths - 1)
 
@@ -211,6 +308,7 @@ class KVCache:
         """Append one token per row; returns each row's next-token distribution."""
         if self.lengths.max() >= self.max_length:
             raise ValueError(f"The decoding buffer of {self.max_length} slots is full.")
+        self._reserve(int(self.lengths.max()) + 1)
         batch = len(token_ids)
         ids = np.asarray(token_ids, "int32").reshape(batch, 1)
         segments = np.full((batch, 1), segment_id, "int32")
@@ -221,38 +319,72 @@ class KVCache:
         return probas
 
     def select(self, rows):
-        """Keep (and repeat, for new beams or samples) the given rows."""
-        rows = np.asarray(rows)
-        self.buffers = {k: v[rows] for k, v in self.buffers.items()}
+        """Keep (and repeat, for new beams or samples) the given rows. The buffers follow in
+        the next step (see CachedStep._select_rows)."""
+        rows = np.asarray(rows, "int32")
+        self.rows = rows if self.rows is None else self.rows[rows]
         self.lengths = self.lengths[rows]
 
-    def _run(self, ids, segments, mask, positions, last):
-        inputs = dict(self.buffers, token_ids=ids, segment_ids=segments, token_mask=mask,
-                      positions=positions, last=np.asarray(last, "int32"))
-        rows = len(ids)
-        if self.bucketed:
-            # Extra rows of zeros: no token written, no slot valid; rows never mix, and the
-            # extra ones are dropped from the outputs below.
-            extra = _bucket(rows) - rows
-            inputs = {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
-                      for k, v in inputs.items()}
-        outputs = self.step_model.predict_on_batch(inputs)
-        context = self.buffers.get("context")
-        self.buffers = {k: np.asarray(v)[:rows] for k, v in outputs.items() if k != "probas"}
-        if context is not None:
-            self.buffers["context"] = context
-        return np.asarray(outputs["probas"])[:rows]
+    @property
+    def slots(self):
+        return int(self.buffers["valid"].shape[1])
 
-    def _empty_buffers(self, batch):
+    def _reserve(self, slots):
+        """Grow the buffers to the bucket holding `slots` slots. The new slots are empty
+        (invalid, zero); a copy of the buffers once per doubling costs O(1) per step."""
+        if slots > self.slots:
+            extra = _bucket(slots) - self.slots
+            for name, buffer in self.buffers.items():
+                if name != "context":  # [rows, length, hidden]: no slots
+                    # Slots are axis 1 of valid and segments, 2 of the head-major keys and values.
+                    self.buffers[name] = _pad(buffer, 1 if len(buffer.shape) == 2 else 2, extra)
+
+    def _encode(self, encoder_token_ids):
+        encoder_ids = _right_padded(encoder_token_ids)
+        rows, length = encoder_ids.shape
+        if self.bucketed:  # the encoder hides its padding (token id 0), from itself too
+            encoder_ids = np.pad(encoder_ids,
+                                 [(0, _bucket(rows) - rows), (0, _bucket(length) - length)])
+        context = self.encoder.predict_on_batch([encoder_ids])  # its one input, as a list
+        return ops.convert_to_tensor(np.asarray(context)[:rows])
+
+    def _run(self, ids, segments, mask, positions, last):
+        batch = len(ids)
+        rows = np.arange(batch, dtype="int32") if self.rows is None else self.rows
+        step = dict(token_ids=ids, segment_ids=segments, token_mask=mask, positions=positions,
+                    last=np.asarray(last, "int32"), rows=rows)
+        if self.bucketed:
+            step = self._bucket_rows(step)
+        outputs = self.run_step(dict(self.buffers, **step))
+        self.buffers = {k: v for k, v in outputs.items() if k != "probas"}
+        self.rows = None
+        return ops.convert_to_numpy(outputs["probas"])[:batch]
+
+    def _bucket_rows(self, step):
+        """JAX: the step's rows padded to a power of two. The extra rows have no token to
+        write and continue buffer row 0; rows never mix, and only the real rows' probas are
+        returned. The buffers keep the extra rows between steps."""
+        batch = len(step["rows"])
+        extra = _bucket(batch) - batch
+        step = {k: np.pad(v, [(0, extra)] + [(0, 0)] * (v.ndim - 1)) for k, v in step.items()}
+        if int(self.buffers["valid"].shape[0]) != batch + extra:
+            # A new bucket of rows (beams began or ended): gather here, once, so that the
+            # compiled steps always have as many buffer rows as step rows: one program per
+            # bucket, not one per pair of buckets.
+            self.buffers = {k: ops.take(v, step["rows"], axis=0) for k, v in self.buffers.items()}
+            step["rows"] = np.arange(batch + extra, dtype="int32")
+        return step
+
+    def _empty_buffers(self, batch, slots):
         t = self.transformer
-        shape = (batch, self.slots, t.num_attention_heads)
+        shape = (batch, t.num_attention_heads, slots)
         buffers = {
-            "valid": np.zeros((batch, self.slots), "float32"),
-            "segments": np.zeros((batch, self.slots), "float32"),
+            "valid": ops.zeros((batch, slots), "float32"),
+            "segments": ops.zeros((batch, slots), "float32"),
         }
         for index in range(t.num_hidden_layers):
-            buffers[f"key_{index}"] = np.zeros(shape + (t.attention_key_size,), "float32")
-            buffers[f"value_{index}"] = np.zeros(shape + (t.attention_head_size,), "float32")
+            buffers[f"key_{index}"] = ops.zeros(shape + (t.attention_key_size,), "float32")
+            buffers[f"value_{index}"] = ops.zeros(shape + (t.attention_head_size,), "float32")
         return buffers
 
 

@@ -498,7 +498,12 @@ class MultiHeadAttention(keras.layers.Layer):
              relative_embeddings=None, position_bias=None, residual_scores=None,
              return_scores=False):
         """`cache` (cached decoding, see bert4k.decoding) stores this call's keys and values into
-        its buffer and returns the whole buffer's, so earlier positions are not recomputed.
+        its buffer and returns the whole buffer's, so earlier positions are not recomputed. The
+        buffers are head-major, [batch, heads, slots, size]: the layout the two attention
+        matmuls read directly, where [batch, slots, heads, size] would be transposed (a copy of
+        the whole buffer, growing with the slots) in every layer at every step. A cached call
+        therefore attends with the explicit path, whatever `attention_implementation` says:
+        the fused op takes [batch, slots, heads, size] only.
 
         Position information inside attention:
         - `rotary_embeddings` [1, length, key_size] (interleaved sin, cos pairs): RoFormer's
@@ -517,12 +522,14 @@ class MultiHeadAttention(keras.layers.Layer):
         if rotary_embeddings is not None:
             sinusoidal = ops.expand_dims(ops.cast(rotary_embeddings, qw.dtype), -2)
             qw, kw = K.apply_rotary(qw, sinusoidal), K.apply_rotary(kw, sinusoidal)
+        keys = "bknd"  # the layout of kw and vw
         if cache is not None:
             # The buffers may be float32 under a bf16 policy: attend in the compute dtype.
             kw, vw = (ops.cast(x, qw.dtype) for x in cache.update(kw, vw))
-        if self.uses_fused_path(training, relative_embeddings, residual_scores, return_scores):
+            keys = "bnkd"
+        elif self.uses_fused_path(training, relative_embeddings, residual_scores, return_scores):
             return self._output(self._fused_attention(qw, kw, vw, bias, position_bias))
-        scores = ops.einsum("bqnd,bknd->bnqk", qw, kw)
+        scores = ops.einsum(f"bqnd,{keys}->bnqk", qw, kw)
         if relative_embeddings is not None:
             relative = ops.cast(relative_embeddings, qw.dtype)
             scores = scores + ops.einsum("bqnd,qkd->bnqk", qw, relative)
@@ -539,7 +546,7 @@ class MultiHeadAttention(keras.layers.Layer):
         probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), vw.dtype)
         if self.dropout is not None:
             probs = self.dropout(probs, training=training)
-        out = ops.einsum("bnqk,bknd->bqnd", probs, vw)
+        out = ops.einsum(f"bnqk,{keys}->bqnd", probs, vw)
         if relative_embeddings is not None:
             out = out + ops.einsum("bnqk,qkd->bqnd", probs, ops.cast(relative, probs.dtype))
         out = self._output(out)

@@ -7,12 +7,16 @@ A GPT-style model (application='lm', random weights, hidden 256, 4 layers; --hid
 change) generates greedily (beam_search with topk=1) from a 16-token prompt, for each output
 length, in two ways:
   cached    AutoRegressiveDecoder(model=transformer): the prompt once, then one cached step per
-            token, which attends to the stored keys and values (O(length) per token);
+            token, which writes its key and value into the buffers and attends to the stored
+            ones (bert4k.decoding: the buffers stay backend tensors, grow in power-of-two
+            buckets and are touched only where a step needs them, so a step costs about the
+            same at any length until reading the keys and values rivals the weights);
   uncached  bert4keras's way: a `predict` that runs the whole prefix again for every new token
             (O(length^2) per token with attention, O(length) in the dense layers).
 It prints milliseconds per generated token (median of --repeats runs, after one warm-up run per
-length) and checks that both produce the same tokens. A flat 'cached' column is what the cache
-is for; the uncached column grows with the length.
+length; the cached column includes the prompt's run) and checks that both produce the same
+tokens. A flat 'cached' column is what the cache is for; the uncached column grows with the
+length. On a machine shared with other work, compare columns from one run, not across runs.
 """
 
 import argparse
@@ -56,7 +60,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=5000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
     args = parser.parse_args(argv)
 
     transformer = build_transformer_model(

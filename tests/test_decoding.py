@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from bert4k.decoding import AutoRegressiveDecoder, KVCache
+from bert4k.decoding import MIN_SLOTS, AutoRegressiveDecoder, KVCache
 from bert4k.models import build_transformer_model
 
 END = 3
@@ -27,7 +27,7 @@ def transformer(request):
 # under causal and UniLM attention no position sees those after it, so padding changes nothing
 # before it, and every call has one shape. On JAX a new shape means a new XLA program (seconds,
 # even eagerly, where every op compiles for it), and the references see a new length each step.
-REFERENCE_LENGTH = 32
+REFERENCE_LENGTH = 48
 
 
 def padded(rows, value=0):
@@ -88,13 +88,11 @@ def example(transformer, prompt):
     return [prompt] if transformer.family == "gpt2" else [prompt, [0] * len(prompt)]
 
 
-def test_cached_steps_equal_full_recomputation(transformer):
-    batch = prompts(3)
-    cache = KVCache(transformer, 24)
+def assert_steps_match_full_recomputation(transformer, cache, batch, steps):
     probas = cache.start(batch, [[0] * len(p) for p in batch])
     sequences = [list(p) for p in batch]
     new_segment = int(transformer.application == "unilm")
-    for _ in range(4):
+    for _ in range(steps):
         for row, sequence in enumerate(sequences):
             full = full_probas(transformer, sequence, len(batch[row]))
             np.testing.assert_allclose(probas[row], full, atol=1e-6)
@@ -104,6 +102,20 @@ def test_cached_steps_equal_full_recomputation(transformer):
         for row, token in enumerate(tokens):
             sequences[row].append(int(token))
         probas = cache.step(tokens, new_segment)
+
+
+def test_cached_steps_equal_full_recomputation(transformer):
+    assert_steps_match_full_recomputation(transformer, KVCache(transformer, 24), prompts(3), 4)
+
+
+def test_cached_steps_across_a_bucket_of_slots(transformer):
+    """Rows outgrow the first bucket of slots mid-decoding: the buffers grow (once per power
+    of two) and every step still equals the full recomputation."""
+    rng = np.random.default_rng(6)
+    batch = [list(rng.integers(4, 40, size=n)) for n in (MIN_SLOTS - 3, MIN_SLOTS - 6)]
+    cache = KVCache(transformer, REFERENCE_LENGTH)
+    assert_steps_match_full_recomputation(transformer, cache, batch, 6)
+    assert cache.slots == 2 * MIN_SLOTS
 
 
 def greedy(transformer, prompt, maxlen):
@@ -129,6 +141,15 @@ def test_cached_beam_search_equals_uncached(transformer):
     for prompt in prompts(2, seed=2):
         inputs = example(transformer, prompt)
         assert list(cached.beam_search(inputs, topk=3)) == list(uncached.beam_search(inputs, 3))
+
+
+def test_cached_beam_search_across_a_bucket_of_slots(transformer):
+    """Beams are selected and repeated before and after the buffers grow."""
+    cached = AutoRegressiveDecoder(start_id=None, end_id=END, maxlen=8, model=transformer)
+    uncached = Uncached(transformer, start_id=None, end_id=END, maxlen=8)
+    prompt = list(np.random.default_rng(8).integers(4, 40, size=MIN_SLOTS - 4))
+    inputs = example(transformer, prompt)
+    assert list(cached.beam_search(inputs, topk=2)) == list(uncached.beam_search(inputs, 2))
 
 
 def test_cached_sampling_equals_uncached(transformer):
