@@ -117,7 +117,7 @@ class DecodingState:
             return dict(arguments or {}, cache=cache)
         if isinstance(layer, (L.PositionEmbedding, L.SinusoidalPositionEmbedding)):
             return dict(arguments or {}, positions=self.positions)
-        if isinstance(layer, L.RelativePositionBias):
+        if isinstance(layer, (L.RelativePositionBias, L.RelativePositionEmbedding)):
             return dict(arguments or {}, positions=self.positions,
                         key_length=ops.shape(self.valid)[1])
         return arguments

@@ -155,17 +155,23 @@ class RelativePositionEmbedding(keras.layers.Layer):
     """NEZHA's functional relative positions, with no weights: for query i and key j, row
     clip(j - i, -max_distance, max_distance) + max_distance of the sinusoidal table (sin at even,
     cos at odd features), as NEZHA's release computes it. Inputs [queries, keys] (or one
-    sequence for both); output [q_len, k_len, output_dim]."""
+    sequence for both); output [q_len, k_len, output_dim]. During cached decoding `positions`
+    [batch, q_len] and `key_length` give each row's real query positions and the buffer's
+    length (slot j holds position j); the output is then [batch, q_len, key_length, output_dim]."""
 
     def __init__(self, output_dim, max_distance=64, **kwargs):
         super().__init__(**kwargs)
         self.output_dim = output_dim
         self.max_distance = max_distance
 
-    def call(self, inputs):
+    def call(self, inputs, positions=None, key_length=None):
         q, k = inputs if isinstance(inputs, (list, tuple)) else (inputs, inputs)
-        distance = (ops.expand_dims(ops.arange(ops.shape(k)[1]), 0)
-                    - ops.expand_dims(ops.arange(ops.shape(q)[1]), 1))
+        if positions is None:
+            distance = (ops.expand_dims(ops.arange(ops.shape(k)[1]), 0)
+                        - ops.expand_dims(ops.arange(ops.shape(q)[1]), 1))
+        else:
+            distance = (ops.arange(key_length)[None, None, :]
+                        - ops.cast(positions, "int32")[:, :, None])
         index = ops.clip(distance, -self.max_distance, self.max_distance) + self.max_distance
         return ops.cast(K.sinusoidal_embeddings(index, self.output_dim), self.compute_dtype)
 
@@ -532,7 +538,9 @@ class MultiHeadAttention(keras.layers.Layer):
         scores = ops.einsum(f"bqnd,{keys}->bnqk", qw, kw)
         if relative_embeddings is not None:
             relative = ops.cast(relative_embeddings, qw.dtype)
-            scores = scores + ops.einsum("bqnd,qkd->bnqk", qw, relative)
+            # [q, k, d], or [batch, q, k, d] in a cached step (each row at its own positions)
+            table = "bqkd" if len(relative.shape) == 4 else "qkd"
+            scores = scores + ops.einsum(f"bqnd,{table}->bnqk", qw, relative)
         if self.attention_scale:
             scores = scores * (self.key_size**-0.5)
         if position_bias is not None:
@@ -548,7 +556,7 @@ class MultiHeadAttention(keras.layers.Layer):
             probs = self.dropout(probs, training=training)
         out = ops.einsum(f"bnqk,{keys}->bqnd", probs, vw)
         if relative_embeddings is not None:
-            out = out + ops.einsum("bnqk,qkd->bqnd", probs, ops.cast(relative, probs.dtype))
+            out = out + ops.einsum(f"bnqk,{table}->bqnd", probs, ops.cast(relative, probs.dtype))
         out = self._output(out)
         return (out, logits) if return_scores else out
 

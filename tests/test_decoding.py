@@ -11,14 +11,14 @@ from bert4k.models import build_transformer_model
 END = 3
 CONFIG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position=64)
-CASES = [("gpt2", "lm"), ("bert", "lm"), ("bert", "unilm")]
+CASES = [("gpt2", "lm"), ("bert", "lm"), ("bert", "unilm"), ("nezha", "unilm")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
 def transformer(request):
     model, application = request.param
     keras.utils.set_random_seed(7)
-    extra = dict(with_mlm=True) if model == "bert" else {}
+    extra = dict(with_mlm=True) if model != "gpt2" else {}
     return build_transformer_model(model=model, application=application,
                                    return_keras_model=False, **CONFIG, **extra)
 
