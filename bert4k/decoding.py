@@ -142,7 +142,10 @@ class CachedStep(keras.Model):
     STEP_INPUTS = ("token_ids", "segment_ids", "token_mask", "positions", "last", "rows")
 
     def __init__(self, transformer, **kwargs):
-        super().__init__(**kwargs)
+        # float32 whatever the global policy: Keras casts a layer's floating inputs to its
+        # compute dtype, and the buffers and flags must stay float32 (the layers inside keep
+        # their own policies, so the matmuls still run in bf16 under mixed_bfloat16).
+        super().__init__(dtype="float32", **kwargs)
         self.transformer = transformer
         self.shared_layers = list(transformer.layers.values())  # tracked: same weights
 

@@ -204,3 +204,23 @@ def test_t5_cached_decoding_is_greedy_and_batches(t5):
     assert singles == [t5_greedy(t5, source, 5) for source in sources]
     batched = decoder.beam_search([sources], topk=1)
     assert [list(x) for x in batched] == singles
+
+
+def test_cached_decoding_under_a_global_bfloat16_policy():
+    """A global mixed_bfloat16 policy must not reach the cache's float32 buffers and flags (Keras
+    casts a layer's floating inputs to its compute dtype): the same tokens as the same model
+    built with dtype_policy='mixed_bfloat16'."""
+    def decode(**policy):
+        keras.utils.set_random_seed(3)
+        transformer = build_transformer_model(model="gpt2", application="lm",
+                                              return_keras_model=False, **CONFIG, **policy)
+        decoder = AutoRegressiveDecoder(start_id=None, end_id=END, maxlen=12, model=transformer)
+        return decoder.beam_search([[5, 6, 7]], topk=2)
+
+    expected = decode(dtype_policy="mixed_bfloat16")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        assert list(decode()) == list(expected)
+    finally:
+        keras.config.set_dtype_policy(previous)
