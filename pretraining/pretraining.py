@@ -793,7 +793,9 @@ class TrainingLogger:
         self.every = trainer.settings.log_every
         self.active = trainer.is_chief
         self.history = []
-        self.tokens, self.started = 0.0, time.time()
+        # Sums over the updates since the last record: a record's loss and accuracy are its
+        # window's, not its last batch's (one batch's loss is too noisy to read a trend from).
+        self.window, self.window_updates, self.started = {}, 0, time.time()
         self.bar = keras.utils.Progbar(trainer.settings.steps, verbose=trainer.verbose,
                                        stateful_metrics=self.SHOWN) if self.active else None
         if self.active:
@@ -802,13 +804,16 @@ class TrainingLogger:
             self.log = open(os.path.join(trainer.output_dir, LOG_FILE), "a", encoding="utf-8")
 
     def update(self, step, totals, learning_rate):
-        self.tokens += totals["tokens"]
+        for name, value in totals.items():
+            self.window[name] = self.window.get(name, 0.0) + value
+        self.window_updates += 1
         if not self.active or (step % self.every and step != 1):
             return
         elapsed = time.time() - self.started
-        record = dict(step=step, **metrics(totals), learning_rate=learning_rate,
-                      tokens_per_sec=self.tokens / max(elapsed, 1e-9))
-        self.tokens, self.started = 0.0, time.time()
+        window = dict(self.window, grad_norm=self.window["grad_norm"] / self.window_updates)
+        record = dict(step=step, **metrics(window), learning_rate=learning_rate,
+                      tokens_per_sec=window["tokens"] / max(elapsed, 1e-9))
+        self.window, self.window_updates, self.started = {}, 0, time.time()
         self.history.append(record)
         self.log.write(json.dumps(record) + "\n")
         self.log.flush()
@@ -826,7 +831,8 @@ class TrainingLogger:
 
 
 def metrics(totals):
-    """loss (the sum of the terms' means), {term}_loss and {term}_accuracy, grad_norm."""
+    """loss (the sum of the terms' means), {term}_loss and {term}_accuracy, grad_norm, from the
+    summed statistics of one or more updates."""
     record = {}
     for name in sorted({key.rsplit("_", 1)[0] for key in totals if key.endswith("_count")}):
         count = max(totals[f"{name}_count"], 1.0)

@@ -697,3 +697,22 @@ def test_pretrain_command_merges_a_settings_file_and_flags(tmp_path):
     assert (arguments["steps"], arguments["batch_size"], arguments["learning_rate"]) == (10, 4, 0.01)
     with pytest.raises(SystemExit, match="--steps"):
         pretraining.pretrain_arguments(cli.build_parser().parse_args(["pretrain", "--data", "d", "--output", "o"]))
+
+
+def test_a_log_record_averages_its_window_of_updates(small_data, tmp_path):
+    """With log_every=3 the records come at steps 1, 3, 6; the one at step 6 covers updates 4-6
+    of the same run logged at every step (the same seed: the same batches and weights)."""
+    common = dict(steps=6, batch_size=8, learning_rate=1e-3, shuffle_buffer=200, seed=0, verbose=0)
+    each = pt.pretrain(TINY_MODEL, small_data, str(tmp_path / "each"), log_every=1, **common)["history"]
+    windows = pt.pretrain(TINY_MODEL, small_data, str(tmp_path / "windows"), log_every=3,
+                          **common)["history"]
+    assert [r["step"] for r in windows] == [1, 3, 6]
+    last = each[3:6]
+    np.testing.assert_allclose(windows[-1]["grad_norm"], np.mean([r["grad_norm"] for r in last]),
+                               rtol=1e-5)
+    for name in ("mlm_loss", "mlm_accuracy", "nsp_loss"):
+        values = [r[name] for r in last]
+        # a mean weighted by each update's count of predictions: within the window's range
+        assert min(values) - 1e-6 <= windows[-1][name] <= max(values) + 1e-6, name
+        assert windows[-1][name] != pytest.approx(values[-1], abs=1e-6), name  # not the last batch's
+    assert windows[0]["mlm_loss"] == pytest.approx(each[0]["mlm_loss"], abs=1e-6)
