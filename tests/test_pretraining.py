@@ -699,6 +699,7 @@ def test_pretrain_command_merges_a_settings_file_and_flags(tmp_path):
         pretraining.pretrain_arguments(cli.build_parser().parse_args(["pretrain", "--data", "d", "--output", "o"]))
 
 
+@trains
 def test_a_log_record_averages_its_window_of_updates(small_data, tmp_path):
     """With log_every=3 the records come at steps 1, 3, 6; the one at step 6 covers updates 4-6
     of the same run logged at every step (the same seed: the same batches and weights)."""
