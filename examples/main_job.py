@@ -11,8 +11,11 @@
 3. Fine-tuning: the pretrained model classifies the sentiment of `--labels` labelled training
    reviews (few labels and much raw text: the situation pretraining is for).
 4. The same architecture, vocabulary, data and settings from random weights, for comparison.
-5. A table: test accuracy (the 2,111 test reviews) with and without pretraining, time, tokens/s,
-   and where the model is.
+   Each is fine-tuned `--seeds` times (classifier and dropout seeds; for the random model also its
+   weights): one run's accuracy moves by about 1.5 points with the seed alone, so one run each
+   cannot tell a gain from luck.
+5. A table: test accuracy (the 2,111 test reviews, mean and range over the seeds) with and
+   without pretraining, time, tokens/s, and where the model is.
 
 Rerunning with the same --output reuses the finished pretraining (an interrupted one resumes).
 """
@@ -50,6 +53,8 @@ def argument_parser():
     parser.add_argument("--maxlen", type=int, default=128, help="tokens per review when fine-tuning")
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="fine-tuning")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="fine-tuning runs per model, seeds --seed, --seed + 1, ...")
     return parser
 
 
@@ -90,9 +95,9 @@ def pretrain(args, data_dir, model_dir):
                 mlm_loss=history[-1]["mlm_loss"], mlm_accuracy=history[-1]["mlm_accuracy"])
 
 
-def finetune(args, model_dir, pretrained, train, test):
+def finetune(args, model_dir, pretrained, train, test, seed):
     """Sentiment classifier on the pooled [CLS]: from the checkpoint, or from random weights."""
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(seed)
     tokenizer = Tokenizer(os.path.join(model_dir, "vocab.txt"))
     checkpoint = os.path.join(model_dir, "bert_model.ckpt") if pretrained else None
     bert = build_transformer_model(os.path.join(model_dir, "bert_config.json"), checkpoint,
@@ -105,13 +110,40 @@ def finetune(args, model_dir, pretrained, train, test):
                   metrics=["accuracy"])
     generator = sentiment.Generator(train, tokenizer, args.maxlen, args.batch_size)
     print(f"\nfine-tuning {'the pretrained model' if pretrained else 'from random weights'} "
-          f"on {len(train)} labelled reviews")
+          f"on {len(train)} labelled reviews (seed {seed})")
     started = time.time()
     model.fit(generator.forfit(), steps_per_epoch=len(generator), epochs=args.epochs)
     seconds = time.time() - started
     tokens = args.epochs * sum(len(tokenizer.encode(text, maxlen=args.maxlen)[0]) for text, _ in train)
     accuracy = sentiment.accuracy(model, sentiment.Generator(test, tokenizer, args.maxlen, 64))
     return dict(accuracy=accuracy, seconds=seconds, tokens_per_sec=tokens / seconds)
+
+
+def finetune_seeds(args, model_dir, pretrained, train, test):
+    """`args.seeds` fine-tuning runs: accuracy is their mean, `accuracies` each one."""
+    runs = [finetune(args, model_dir, pretrained, train, test, args.seed + i)
+            for i in range(max(args.seeds, 1))]
+    accuracies = [run["accuracy"] for run in runs]
+    return dict(accuracy=float(np.mean(accuracies)), accuracies=accuracies,
+                seconds=sum(run["seconds"] for run in runs),
+                tokens_per_sec=float(np.mean([run["tokens_per_sec"] for run in runs])))
+
+
+def accuracy_cell(run):
+    accuracies = run["accuracies"]
+    if len(accuracies) == 1:
+        return f"test accuracy {accuracies[0]:.4f}"
+    return (f"test accuracy {run['accuracy']:.4f} (mean of {len(accuracies)}: "
+            f"{min(accuracies):.4f}-{max(accuracies):.4f})")
+
+
+def gain_verdict(gain, *runs):
+    """Whether a gain stands out from what the seeds alone move the accuracy by."""
+    if min(len(run["accuracies"]) for run in runs) < 2:
+        return "one seed each: noise not measured, use --seeds 3"
+    spread = max(max(run["accuracies"]) - min(run["accuracies"]) for run in runs)
+    where = "beyond" if abs(gain) > spread else "within"
+    return f"{where} the seeds' spread of {spread * 100:.1f}"
 
 
 def labelled_subset(rows, size, seed):
@@ -131,7 +163,7 @@ def print_table(args, pretraining, with_pretraining, from_scratch, model_dir, to
          + ", acc " + cell(pretraining["mlm_accuracy"], "{:.3f}"),
          cell(pretraining["seconds"], "{:.0f}"), cell(pretraining["tokens_per_sec"], "{:,.0f}")),
     ] + [
-        (name, f"test accuracy {run['accuracy']:.4f}", f"{run['seconds']:.0f}",
+        (name, accuracy_cell(run), f"{run['seconds']:.0f}",
          f"{run['tokens_per_sec']:,.0f}")
         for name, run in (("fine-tune, pretrained", with_pretraining),
                           ("fine-tune, random init", from_scratch))
@@ -144,7 +176,9 @@ def print_table(args, pretraining, with_pretraining, from_scratch, model_dir, to
         print("  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)
                         for i, (v, w) in enumerate(zip(row, widths))))
     gain = with_pretraining["accuracy"] - from_scratch["accuracy"]
-    print(f"pretraining gain: {gain * 100:+.1f} accuracy points; total {total_seconds / 60:.1f} min")
+    verdict = gain_verdict(gain, with_pretraining, from_scratch)
+    print(f"pretraining gain: {gain * 100:+.1f} accuracy points ({verdict}); "
+          f"total {total_seconds / 60:.1f} min")
     print(f"model: {os.path.abspath(model_dir)} (bert_config.json, vocab.txt, bert_model.ckpt)")
     print(f"  e.g. python examples/task_sentiment_classification.py --config {model_dir}/bert_config.json "
           f"--checkpoint {model_dir}/bert_model.ckpt --vocab {model_dir}/vocab.txt")
@@ -157,8 +191,8 @@ def main(argv=None):
     pretraining = pretrain(args, prepare_data(args.output, args.pretrain_length), model_dir)
     train = labelled_subset(assets.read_sentiment("train"), args.labels, args.seed)
     test = assets.read_sentiment("test")
-    with_pretraining = finetune(args, model_dir, True, train, test)
-    from_scratch = finetune(args, model_dir, False, train, test)
+    with_pretraining = finetune_seeds(args, model_dir, True, train, test)
+    from_scratch = finetune_seeds(args, model_dir, False, train, test)
     print_table(args, pretraining, with_pretraining, from_scratch, model_dir, time.time() - started)
     return dict(pretraining=pretraining, pretrained=with_pretraining, random=from_scratch)
 

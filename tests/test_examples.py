@@ -134,7 +134,8 @@ def test_language_model(tiny):
 def test_main_job_pretrains_then_compares_with_random_init(tmp_path, capsys):
     module = example("main_job")
     argv = ["--output", str(tmp_path), "--pretrain-steps", "3", "--pretrain-batch-size", "4",
-            "--labels", "16", "--epochs", "1", "--batch-size", "8", "--maxlen", "16"]
+            "--labels", "16", "--epochs", "1", "--batch-size", "8", "--maxlen", "16",
+            "--seeds", "2"]
     results = module.main(argv)
     model_dir = tmp_path / "model"
     for name in ("bert_config.json", "vocab.txt", "bert_model.ckpt.index"):
@@ -142,7 +143,10 @@ def test_main_job_pretrains_then_compares_with_random_init(tmp_path, capsys):
     assert results["pretraining"]["seconds"] > 0
     for run in ("pretrained", "random"):
         assert 0.0 <= results[run]["accuracy"] <= 1.0 and results[run]["tokens_per_sec"] > 0
+        assert len(results[run]["accuracies"]) == 2
+        assert results[run]["accuracy"] == pytest.approx(np.mean(results[run]["accuracies"]))
     table = capsys.readouterr().out
     assert "fine-tune, pretrained" in table and str(model_dir) in table
+    assert "mean of 2" in table and "the seeds' spread" in table
     # The same output again: pretraining is finished, so it is reused, not repeated.
     assert module.main(argv)["pretraining"]["seconds"] is None
