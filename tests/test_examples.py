@@ -147,6 +147,17 @@ def test_main_job_pretrains_then_compares_with_random_init(tmp_path, capsys):
         assert results[run]["accuracy"] == pytest.approx(np.mean(results[run]["accuracies"]))
     table = capsys.readouterr().out
     assert "fine-tune, pretrained" in table and str(model_dir) in table
-    assert "mean of 2" in table and "the seeds' spread" in table
+    assert "mean of 2" in table and "pretraining gain:" in table
     # The same output again: pretraining is finished, so it is reused, not repeated.
     assert module.main(argv)["pretraining"]["seconds"] is None
+
+
+@pytest.mark.parametrize("pretrained, random, verdict", [
+    ([0.81, 0.83], [0.78, 0.80], "every pretrained run beats every random one"),
+    ([0.79, 0.82], [0.83, 0.84], "every random run beats every pretrained one"),
+    ([0.80, 0.83], [0.81, 0.82], "the seeds' ranges overlap: not told apart from noise"),
+    ([0.90], [0.70], "one seed each: noise not measured, use --seeds 3"),
+])
+def test_main_job_gain_verdict_compares_the_seeds_ranges(pretrained, random, verdict):
+    module = example("main_job")
+    assert module.gain_verdict({"accuracies": pretrained}, {"accuracies": random}) == verdict
