@@ -4,7 +4,8 @@
     python examples/main_job.py --labels 0 --epochs 2 # fine-tune on every labelled review
 
 1. Pretraining data: the texts of the training reviews (data/sentiment.zip, labels left out)
-   become a character vocabulary and RoBERTa-style whole-word-masked sequences (TFRecords).
+   become a character vocabulary and RoBERTa-style whole-word-masked sequences (TFRecords), each
+   inside one review (DOC-SENTENCES: fine-tuning reads one review at a time too).
 2. Pretraining: a small BERT (hidden 128, 2 layers) learns masked-character prediction from
    scratch; the model is written to OUTPUT/model as bert_config.json + vocab.txt + a Google-format
    checkpoint (bert_model.ckpt), which every example takes (--config --checkpoint --vocab).
@@ -71,7 +72,7 @@ def prepare_data(output, length):
         f.writelines(text.replace("\n", " ") + "\n" for text, _ in assets.read_sentiment("train"))
     data_utils.prepare([corpus], data_dir, objective="mlm", max_seq_length=length,
                        max_predictions_per_seq=round(length * 0.15) + 1, min_count=2,
-                       documents_per_shard=2000, workers=min(os.cpu_count() or 1, 4))
+                       cross_documents=False, documents_per_shard=2000, workers=min(os.cpu_count() or 1, 4))
     return data_dir
 
 

@@ -30,6 +30,9 @@ def add_prepare_arguments(parser):
     add("--short-seq-prob", type=float, default=0.1)
     add("--dupe-factor", type=int, default=1, help="passes over the data, each with new masks")
     add("--no-whole-word-mask", dest="whole_word_mask", action="store_false")
+    add("--no-cross-documents", dest="cross_documents", action="store_false",
+        help="MLM / GPT: end each sequence with its document (RoBERTa's DOC-SENTENCES) instead of "
+        "packing the next document after a [SEP]")
     add("--word-segmenter", help="'jieba' or 'module:function' giving the words of a text "
         "(default: whitespace/punctuation words, every CJK character alone)")
     add("--format", dest="document_format", default="auto", choices=["auto", "blank_lines", "lines"])
@@ -45,7 +48,8 @@ def run_prepare(args):
                    max_seq_length=args.max_seq_length, masked_lm_prob=args.masked_lm_prob,
                    max_predictions_per_seq=args.max_predictions_per_seq,
                    whole_word_mask=args.whole_word_mask, short_seq_prob=args.short_seq_prob,
-                   dupe_factor=args.dupe_factor, seed=args.seed, do_lower_case=args.do_lower_case,
+                   dupe_factor=args.dupe_factor, seed=args.seed,
+                   cross_documents=args.cross_documents, do_lower_case=args.do_lower_case,
                    word_segmenter=args.word_segmenter, documents_per_shard=args.documents_per_shard,
                    workers=args.workers, document_format=args.document_format,
                    min_count=args.min_count, max_vocab_size=args.max_vocab_size)

@@ -325,9 +325,11 @@ def target_length(capacity, rng, short_seq_prob):
     return capacity
 
 
-def pack_documents(documents, max_seq_length, rng, vocab, short_seq_prob=0.0):
-    """RoBERTa's FULL-SENTENCES packing: yield (token_ids, word_starts) of `[CLS] ... [SEP]`
-    sequences of whole sentences, crossing documents with a [SEP] between them."""
+def pack_documents(documents, max_seq_length, rng, vocab, short_seq_prob=0.0, cross_documents=True):
+    """Yield (token_ids, word_starts) of `[CLS] ... [SEP]` sequences of whole sentences:
+    RoBERTa's FULL-SENTENCES packing, crossing documents with a [SEP] between them, or with
+    `cross_documents=False` its DOC-SENTENCES, where a sequence ends with its document (shorter
+    sequences, padded later, but every token's context is its own document)."""
     capacity = max_seq_length - 2
     ids, starts = [], []
     target = target_length(capacity, rng, short_seq_prob)
@@ -336,6 +338,10 @@ def pack_documents(documents, max_seq_length, rng, vocab, short_seq_prob=0.0):
         return [vocab.cls_id] + ids + [vocab.sep_id], [True] + starts + [True]
 
     for document in documents:
+        if ids and not cross_documents:
+            yield finish()
+            ids, starts = [], []
+            target = target_length(capacity, rng, short_seq_prob)
         if ids and len(ids) + 1 < target:  # a document boundary inside the sequence
             ids.append(vocab.sep_id)
             starts.append(True)
@@ -458,6 +464,7 @@ class DataSettings:
     short_seq_prob: float = 0.1
     dupe_factor: int = 1
     seed: int = 12345
+    cross_documents: bool = True  # MLM and GPT packing: see pack_documents
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -496,7 +503,7 @@ def create_instances(documents, settings, vocab, rng):
 
 def mlm_instances(documents, settings, vocab, rng):
     for ids, starts in pack_documents(documents, settings.max_seq_length, rng, vocab,
-                                      settings.short_seq_prob):
+                                      settings.short_seq_prob, settings.cross_documents):
         yield masked_instance(ids, starts, [0] * len(ids), rng, vocab, settings.masking)
 
 
@@ -513,7 +520,7 @@ def nsp_instances(documents, settings, vocab, rng):
 
 def gpt_instances(documents, settings, vocab, rng):
     for ids, _ in pack_documents(documents, settings.max_seq_length, rng, vocab,
-                                 settings.short_seq_prob):
+                                 settings.short_seq_prob, settings.cross_documents):
         yield dict(input_ids=ids, segment_ids=[0] * len(ids))
 
 
@@ -668,9 +675,9 @@ def document_chunks(paths, documents_per_shard, document_format="auto"):
 
 def prepare(inputs, output_dir, vocab=None, objective="mlm", max_seq_length=128,
             masked_lm_prob=0.15, max_predictions_per_seq=20, whole_word_mask=True,
-            short_seq_prob=0.1, dupe_factor=1, seed=12345, do_lower_case=False,
-            word_segmenter=None, documents_per_shard=5000, workers=None, document_format="auto",
-            min_count=1, max_vocab_size=None, verbose=1):
+            short_seq_prob=0.1, dupe_factor=1, seed=12345, cross_documents=True,
+            do_lower_case=False, word_segmenter=None, documents_per_shard=5000, workers=None,
+            document_format="auto", min_count=1, max_vocab_size=None, verbose=1):
     """Turn text files into TFRecord shards under output_dir; return the dataset info.
 
     vocab: a vocab.txt path, or None to build a character vocabulary from the inputs
@@ -678,13 +685,14 @@ def prepare(inputs, output_dir, vocab=None, objective="mlm", max_seq_length=128,
     'module:function' or a picklable function text -> words. workers: processes writing shards
     in parallel (default: the CPU count; 1 writes in this process). Each shard holds
     `documents_per_shard` documents; NSP draws its random sentences from the same shard.
+    cross_documents: see `pack_documents` (MLM and GPT; NSP and UniLM pairs keep to a document).
     """
     paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input text file not found: {path!r}")
     settings = DataSettings(objective, max_seq_length, masked_lm_prob, max_predictions_per_seq,
-                            whole_word_mask, short_seq_prob, dupe_factor, seed)
+                            whole_word_mask, short_seq_prob, dupe_factor, seed, cross_documents)
     os.makedirs(output_dir, exist_ok=True)
     vocab_path = install_vocab(paths, output_dir, vocab, document_format, min_count,
                                max_vocab_size, do_lower_case)

@@ -371,6 +371,29 @@ def test_gpt_and_unilm_instances_pack_text_in_order():
         assert "masked_lm_positions" not in instance
 
 
+def test_document_sentences_keep_each_sequence_inside_its_document():
+    token_dict, _ = cjk_vocab(12_000)
+    vocab, rng = make_vocab(token_dict), random.Random(7)
+    documents, origin = unique_documents(rng, 400)
+
+    def sources(ids):
+        return {origin[i] for i in ids if i in origin}
+
+    crossing = du.create_instances(documents, du.DataSettings("gpt", 48), vocab, rng)
+    assert any(len(sources(g["input_ids"])) > 1 for g in crossing)  # the default crosses
+    settings = du.DataSettings("gpt", 48, cross_documents=False)
+    gpt = du.create_instances(documents, settings, vocab, rng)
+    assert all(len(sources(g["input_ids"])) == 1 for g in gpt)
+    assert all(g["input_ids"].count(vocab.sep_id) == 1 for g in gpt)  # no boundary inside
+    assert sorted(i for g in gpt for i in g["input_ids"] if i in origin) == sorted(origin)
+    settings = du.DataSettings("mlm", 48, cross_documents=False)
+    for instance in du.create_instances(documents, settings, vocab, rng):
+        ids = list(instance["input_ids"])
+        for position, original in zip(instance["masked_lm_positions"], instance["masked_lm_ids"]):
+            ids[position] = original
+        assert len(sources(ids)) == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shards and reading
 # ---------------------------------------------------------------------------------------------------
