@@ -72,7 +72,8 @@ def prepare_data(output, length):
         f.writelines(text.replace("\n", " ") + "\n" for text, _ in assets.read_sentiment("train"))
     data_utils.prepare([corpus], data_dir, objective="mlm", max_seq_length=length,
                        max_predictions_per_seq=round(length * 0.15) + 1, min_count=2,
-                       cross_documents=False, documents_per_shard=2000, workers=min(os.cpu_count() or 1, 4))
+                       cross_documents=False, documents_per_shard=2000,
+                       workers=min(os.cpu_count() or 1, 4))
     return data_dir
 
 
