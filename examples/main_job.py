@@ -1,6 +1,6 @@
 """The main job: pretrain a small BERT on the bundled Chinese corpus, then measure what it buys.
 
-    python examples/main_job.py                       # about 9 minutes on 2 CPU cores
+    python examples/main_job.py                       # about 10 minutes on 2 CPU cores
     python examples/main_job.py --labels 0 --epochs 2 # fine-tune on every labelled review
 
 1. Pretraining data: the texts of the training reviews (data/sentiment.zip, labels left out)
