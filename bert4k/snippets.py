@@ -10,6 +10,7 @@ import collections
 import functools
 import itertools
 import math
+import multiprocessing.dummy
 import pickle
 import queue
 import random as _py_random
@@ -769,6 +770,11 @@ def _pad_to_signature(array, signature):
     return np.pad(array, pad_width) if any(after for _, after in pad_width) else array
 
 
+def _in_keras_worker_thread():
+    """Whether this thread is one of a Keras PyDataset enqueuer's workers (a thread pool's)."""
+    return isinstance(threading.current_thread(), multiprocessing.dummy.DummyProcess)
+
+
 @functools.cache
 def _pydataset_class():
     """Defined on first use so that importing this module does not import Keras."""
@@ -780,12 +786,12 @@ def _pydataset_class():
         On TensorFlow, Keras reads the first batches before the first epoch ("peeks") to infer the
         dataset's signature, fixing every dimension that happens to be equal in them. Two things follow:
         - the peeked batches are handed out again first in the epoch, so an epoch is one pass and
-          predict() keeps the data's order (only with ``workers <= 1``: Keras's worker threads may start
-          reading just before ``on_epoch_begin``, and their batches must not come twice);
+          predict() keeps the data's order;
         - a later batch padded shorter along a dimension Keras fixed (for example no text in it reaches
           ``maxlen``) is zero-padded up to that size instead of failing the epoch.
-        With ``workers > 1`` a thread may read a batch just before ``on_epoch_begin``; it is then taken
-        for a peek and not padded, so give such generators fixed-length batches (or workers=1).
+        With ``workers > 1``, Keras starts its worker threads (a ``multiprocessing.dummy`` pool) just
+        before it calls ``on_epoch_begin``; their reads are epoch reads whenever they come, as only the
+        thread that runs fit peeks.
         """
 
         def __init__(self, generator, random, workers, use_multiprocessing, max_queue_size):
@@ -802,7 +808,6 @@ def _pydataset_class():
             self._stream = None
             self._lock = threading.Lock()
             self._within_epoch = False
-            self._keep_peeked = workers <= 1
             self._peeked = collections.deque()
             self._signature = None  # leaf by leaf, the shape Keras inferred from the batches it peeked at
             self._next_peek_is_new = True  # a peek after an epoch began comes from a new Keras adapter
@@ -813,7 +818,7 @@ def _pydataset_class():
 
         def __getitem__(self, index):
             with self._lock:
-                if not self._within_epoch:
+                if not self._within_epoch and not _in_keras_worker_thread():
                     return self._peek()
                 batch = self._peeked.popleft() if self._peeked else self._next_batch()
                 if self._signature is not None:
@@ -822,8 +827,7 @@ def _pydataset_class():
 
         def _peek(self):
             batch = self._next_batch()
-            if self._keep_peeked:
-                self._peeked.append(batch)
+            self._peeked.append(batch)
             if self._next_peek_is_new:
                 self._signature = _map_batch(np.shape, batch)
                 self._next_peek_is_new = False

@@ -351,6 +351,24 @@ def test_to_pydataset_serves_the_stream_in_order_and_replays_peeked_batches():
     assert sample_order(list(pydataset)) == list(range(10))  # the next pass, read directly
 
 
+def test_to_pydataset_reads_by_keras_worker_threads_are_never_peeks():
+    pytest.importorskip("keras")
+    import multiprocessing.dummy
+
+    generator = BatchGenerator(make_samples(10), batch_size=4)  # widths 4, 4, 2
+    expected = list(generator.fortest())
+    pydataset = generator.to_pydataset(random=False, workers=2)
+    pydataset[0], pydataset[1]  # Keras peeks from the thread that runs fit
+    # Keras's adapter starts its worker threads before it calls on_epoch_begin: a worker may read
+    # the whole epoch first, and gets the epoch (peeked batches replayed, the last one padded).
+    with multiprocessing.dummy.Pool(2) as pool:
+        epoch = pool.map(lambda i: pydataset[i], range(3), chunksize=3)
+    pydataset.on_epoch_begin()
+    assert sample_order(epoch) == list(range(10))
+    np.testing.assert_array_equal(epoch[2][0], np.pad(expected[2][0], [(0, 0), (0, 2)]))
+    assert sample_order([pydataset[i] for i in range(3)]) == list(range(10))  # the next pass
+
+
 def test_to_pydataset_explains_a_batch_wider_than_keras_expects():
     pytest.importorskip("keras")
     samples = [([1], 0), ([2], 1), ([3, 4, 5], 0)]
@@ -382,9 +400,7 @@ def build_tiny_classifier(keras):
     return model
 
 
-# workers=2 is left out: Keras's worker threads may read a batch before on_epoch_begin, which then
-# counts as a peek and reaches Keras unpadded (a known race, noted in DataGeneratorPyDataset).
-@pytest.mark.parametrize("workers", [1])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_to_pydataset_fits_with_keras(workers):
     keras = pytest.importorskip("keras")
     model = build_tiny_classifier(keras)
