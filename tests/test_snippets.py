@@ -352,7 +352,6 @@ def test_to_pydataset_serves_the_stream_in_order_and_replays_peeked_batches():
 
 
 def test_to_pydataset_reads_by_keras_worker_threads_are_never_peeks():
-    pytest.importorskip("keras")
     import multiprocessing.dummy
 
     generator = BatchGenerator(make_samples(10), batch_size=4)  # widths 4, 4, 2
