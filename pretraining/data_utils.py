@@ -801,7 +801,7 @@ def read_info(data_dir):
 
 
 def load_dataset(data_dir, batch_size, seed=0, start_example=0, num_shards=1, shard_index=0,
-                 shuffle_buffer=10_000, cycle_length=4):
+                 shuffle_buffer=10_000, cycle_length=4, length_multiple_of=None):
     """An endless tf.data stream of batches {feature: int32/float32 tensor} from a prepared dir.
 
     The global order of examples depends only on `seed` (shard files shuffled each epoch,
@@ -809,6 +809,10 @@ def load_dataset(data_dir, batch_size, seed=0, start_example=0, num_shards=1, sh
     skipped to resume exactly where a run stopped. With several input pipelines (workers),
     pipeline k takes examples k, k+n, ... of that global order: n pipelines with batch b together
     read what one pipeline with batch n*b reads.
+    length_multiple_of: cut each batch's sequences after its longest one, rounded up to a multiple
+    of this (None: every batch is max_seq_length long, as static shapes such as TPUs' need).
+    Sequences that end with their document are often much shorter than max_seq_length, and the
+    padding would cost as much compute as the tokens.
     """
     import tensorflow as tf
 
@@ -830,6 +834,9 @@ def load_dataset(data_dir, batch_size, seed=0, start_example=0, num_shards=1, sh
     dataset = dataset.batch(batch_size, drop_remainder=True)
     dataset = dataset.map(lambda records: parse_batch(tf, records, spec),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if length_multiple_of:
+        dataset = dataset.map(lambda batch: trim_batch(tf, batch, length_multiple_of),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -844,3 +851,16 @@ def parse_batch(tf, records, spec):
     features = tf.io.parse_example(records, spec)
     return {name: value if value.dtype == tf.float32 else tf.cast(value, tf.int32)
             for name, value in features.items()}
+
+
+SEQUENCE_FEATURES = ("input_ids", "segment_ids")  # one value a position; the rest index positions
+
+
+def trim_batch(tf, batch, multiple_of):
+    """The batch with its sequence features cut after the longest sequence (padding is [PAD] = 0,
+    at the end), rounded up to a multiple of `multiple_of`: only the padding goes."""
+    longest = tf.reduce_max(tf.reduce_sum(tf.cast(batch["input_ids"] != 0, tf.int32), axis=1))
+    length = tf.minimum((longest + multiple_of - 1) // multiple_of * multiple_of,
+                        tf.shape(batch["input_ids"])[1])
+    return {name: value[:, :length] if name in SEQUENCE_FEATURES else value
+            for name, value in batch.items()}

@@ -258,6 +258,7 @@ class TrainingSettings:
     log_every: int = 10
     seed: int = 0
     shuffle_buffer: int = 10_000
+    length_multiple_of: int = 32  # batches cut to their longest sequence, see load_dataset; 0: not
 
     def __post_init__(self):
         if self.warmup_steps is None:
@@ -481,6 +482,14 @@ class Trainer(_TrainerBase):
     def micro_step_count(self):
         return int(self.micro_steps.numpy())
 
+    @property
+    def length_multiple_of(self):
+        import tensorflow as tf
+
+        # A TPU compiles one program for one shape: every batch keeps max_seq_length there.
+        tpu = isinstance(self.strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+        return None if tpu else self.settings.length_multiple_of
+
     def restore(self):
         """Resume from the chief's last complete checkpoint; returns the update step."""
         import tensorflow as tf
@@ -508,7 +517,7 @@ class Trainer(_TrainerBase):
                 self.data_dir, context.get_per_replica_batch_size(self.settings.batch_size),
                 seed=self.settings.seed, start_example=start_example,
                 num_shards=context.num_input_pipelines, shard_index=context.input_pipeline_id,
-                shuffle_buffer=self.settings.shuffle_buffer)
+                shuffle_buffer=self.settings.shuffle_buffer, length_multiple_of=self.length_multiple_of)
 
         return self.strategy.distribute_datasets_from_function(per_worker)
 
@@ -681,7 +690,8 @@ class JaxTrainer(_TrainerBase):
         devices), from the same tf.data stream as `Trainer`'s one-pipeline case."""
         dataset = data_utils.load_dataset(
             self.data_dir, self.settings.batch_size, seed=self.settings.seed,
-            start_example=start_example, shuffle_buffer=self.settings.shuffle_buffer)
+            start_example=start_example, shuffle_buffer=self.settings.shuffle_buffer,
+            length_multiple_of=self.settings.length_multiple_of)
         for batch in dataset.as_numpy_iterator():
             if self.distribution is not None:
                 batch = {name: keras.distribution.distribute_tensor(
@@ -852,7 +862,7 @@ def pretrain(config, data_dir, output_dir, steps, batch_size, strategy=None, tpu
     a dict of Google bert_config keys (vocab_size defaults to the data's vocabulary).
     batch_size: the global batch. Further settings (TrainingSettings): learning_rate,
     warmup_steps, weight_decay, exclude_from_weight_decay, grad_accum_steps, lamb, clip_norm,
-    checkpoint_every, keep_checkpoints, log_every, seed, shuffle_buffer.
+    checkpoint_every, keep_checkpoints, log_every, seed, shuffle_buffer, length_multiple_of.
     init_checkpoint: weights to start from (Google checkpoint prefix, HF directory or
     .safetensors) when output_dir has no checkpoint yet.
     strategy / tpu (TensorFlow backend): see make_strategy. distribution (JAX backend):

@@ -438,6 +438,32 @@ def test_reading_resumes_at_an_example_and_shards_split_the_global_batch(small_d
                               np.concatenate([batch[0::2], batch[1::2]]))
 
 
+@pytest.fixture(scope="module")
+def review_data(corpus, tmp_path_factory):
+    """MLM sequences of 128 that end with their review: lengths vary from batch to batch."""
+    directory = str(tmp_path_factory.mktemp("review_data"))
+    du.prepare([corpus], directory, objective="mlm", max_seq_length=128, max_predictions_per_seq=20,
+               min_count=3, cross_documents=False, workers=1, verbose=0)
+    return directory
+
+
+def test_trimmed_batches_lose_only_padding(review_data):
+    full = du.load_dataset(review_data, 4, seed=7, shuffle_buffer=300)
+    trimmed = du.load_dataset(review_data, 4, seed=7, shuffle_buffer=300, length_multiple_of=8)
+    lengths = []
+    for whole, cut in itertools.islice(zip(full, trimmed), 40):
+        ids = whole["input_ids"].numpy()
+        longest = max(np.flatnonzero(row).max() + 1 for row in ids)
+        length = cut["input_ids"].shape[1]
+        assert length % 8 == 0 and longest <= length < longest + 8
+        assert not ids[:, length:].any()
+        for name, value in whole.items():
+            expected = value.numpy()[:, :length] if name in ("input_ids", "segment_ids") else value
+            np.testing.assert_array_equal(cut[name].numpy(), expected, err_msg=name)
+        lengths.append(length)
+    assert len(set(lengths)) > 1 and min(lengths) < 128  # the case the option is for
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training and the exported model
 # ---------------------------------------------------------------------------------------------------
@@ -740,3 +766,18 @@ def test_a_log_record_averages_its_window_of_updates(small_data, tmp_path):
         assert min(values) - 1e-6 <= windows[-1][name] <= max(values) + 1e-6, name
         assert windows[-1][name] != pytest.approx(values[-1], abs=1e-6), name  # not the last batch's
     assert windows[0]["mlm_loss"] == pytest.approx(each[0]["mlm_loss"], abs=1e-6)
+
+
+@trains
+def test_trimmed_batches_train_as_padded_ones(review_data, tmp_path):
+    """Without dropout the padding changes nothing: the same losses with and without trimming."""
+    config = dict(TINY_MODEL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    common = dict(steps=5, batch_size=4, learning_rate=1e-3, shuffle_buffer=300, seed=0,
+                  log_every=1, verbose=0)
+    batches = du.load_dataset(review_data, 4, seed=0, shuffle_buffer=300, length_multiple_of=8)
+    assert min(b["input_ids"].shape[1] for b in itertools.islice(batches, 5)) < 128  # some are cut
+    runs = [pt.pretrain(config, review_data, str(tmp_path / str(multiple)),
+                        length_multiple_of=multiple, **common)["history"] for multiple in (0, 8)]
+    padded, trimmed = ([r["mlm_loss"] for r in history] for history in runs)
+    np.testing.assert_allclose(trimmed, padded, rtol=2e-5)
+    assert padded[0] != pytest.approx(padded[-1], rel=1e-3)  # the weights did change

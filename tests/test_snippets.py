@@ -332,7 +332,6 @@ def test_to_dataset_names_inputs_and_fixed_shapes():
 
 
 def test_to_pydataset_serves_the_stream_in_order_and_replays_peeked_batches():
-    pytest.importorskip("keras")
     generator = BatchGenerator(make_samples(10), batch_size=4)  # widths 4, 4, 2
     expected = list(generator.fortest())
     pydataset = generator.to_pydataset(random=False)
@@ -369,7 +368,6 @@ def test_to_pydataset_reads_by_keras_worker_threads_are_never_peeks():
 
 
 def test_to_pydataset_explains_a_batch_wider_than_keras_expects():
-    pytest.importorskip("keras")
     samples = [([1], 0), ([2], 1), ([3, 4, 5], 0)]
     pydataset = BatchGenerator(samples, batch_size=1).to_pydataset(random=False)
     pydataset[0], pydataset[1]
@@ -380,7 +378,6 @@ def test_to_pydataset_explains_a_batch_wider_than_keras_expects():
 
 
 def test_to_pydataset_with_a_batch_process():
-    pytest.importorskip("keras")
     generator = BatchGenerator(make_samples(10), batch_size=4)
     pydataset = generator.to_pydataset(random=False, use_multiprocessing=True)
     try:
@@ -401,7 +398,7 @@ def build_tiny_classifier(keras):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_to_pydataset_fits_with_keras(workers):
-    keras = pytest.importorskip("keras")
+    import keras
     model = build_tiny_classifier(keras)
     train = BatchGenerator(make_samples(10), batch_size=4)  # widths vary: 4, 4, 2 in order
     history = model.fit(train.to_pydataset(random=False, workers=workers), epochs=2, verbose=0)
@@ -409,7 +406,7 @@ def test_to_pydataset_fits_with_keras(workers):
 
 
 def test_to_pydataset_predicts_in_order():
-    keras = pytest.importorskip("keras")
+    import keras
     model = build_tiny_classifier(keras)
     test = BatchGenerator(make_samples(10), batch_size=4)
     predicted = model.predict(test.to_pydataset(random=False), verbose=0)
