@@ -176,8 +176,8 @@ def print_table(args, pretraining, with_pretraining, from_scratch, model_dir, to
         for name, run in (("fine-tune, pretrained", with_pretraining),
                           ("fine-tune, random init", from_scratch))
     ]
-    print(f"\nbert4k main job: {args.labels or 'all'} labelled reviews, {args.epochs} epoch{'s' if args.epochs > 1 else ''}, "
-          f"test set 2,111 reviews")
+    epochs = f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+    print(f"\nbert4k main job: {args.labels or 'all'} labelled reviews, {epochs}, test set 2,111 reviews")
     widths = [max(len(str(r[i])) for r in rows + [("run", "result", "seconds", "tokens/s")])
               for i in range(4)]
     for row in [("run", "result", "seconds", "tokens/s")] + rows:

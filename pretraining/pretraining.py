@@ -487,7 +487,8 @@ class Trainer(_TrainerBase):
         import tensorflow as tf
 
         # A TPU compiles one program for one shape: every batch keeps max_seq_length there.
-        tpu = isinstance(self.strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy))
+        tpu_strategies = (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)
+        tpu = isinstance(self.strategy, tpu_strategies)
         return None if tpu else self.settings.length_multiple_of
 
     def restore(self):
