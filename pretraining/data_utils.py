@@ -687,6 +687,7 @@ def prepare(inputs, output_dir, vocab=None, objective="mlm", max_seq_length=128,
     `documents_per_shard` documents; NSP draws its random sentences from the same shard.
     cross_documents: see `pack_documents` (MLM and GPT; NSP and UniLM pairs keep to a document).
     """
+    refuse_in_worker_bootstrap()
     paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     for path in paths:
         if not os.path.isfile(path):
@@ -749,6 +750,19 @@ class ShardProgress:
         self.bar.update(self.done_bytes, [("examples", sum(r["examples"] for r in self.results))])
 
 
+UNGUARDED_SCRIPT = (
+    "prepare(workers > 1) starts worker processes, which import the script that called it "
+    "(multiprocessing 'spawn'); a script that calls prepare() at its top level then runs again in "
+    "each worker: put the call under `if __name__ == \"__main__\":`, or pass workers=1.")
+
+
+def refuse_in_worker_bootstrap():
+    """Stop a spawned worker that is re-running an unguarded script before it writes anything."""
+    # multiprocessing sets _inheriting while a new process imports its parent's main module.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(UNGUARDED_SCRIPT)
+
+
 def run_tasks(tasks, workers, total_bytes, verbose=1):
     """write_shard over (task, input bytes) pairs, `workers` processes at a time; at most two
     tasks per worker are queued, so a large corpus is never held in memory whole."""
@@ -757,7 +771,13 @@ def run_tasks(tasks, workers, total_bytes, verbose=1):
         for task, size in tasks:
             progress.record(task, size, write_shard(task))
     else:
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds TF
+        _run_in_pool(tasks, workers, progress)
+    return sorted(progress.results, key=lambda r: r["index"])
+
+
+def _run_in_pool(tasks, workers, progress):
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds TF
+    try:
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             pending = {}
             for task, size in tasks:
@@ -765,7 +785,9 @@ def run_tasks(tasks, workers, total_bytes, verbose=1):
                 if len(pending) >= 2 * workers:
                     _collect(pending, progress, concurrent.futures.FIRST_COMPLETED)
             _collect(pending, progress, concurrent.futures.ALL_COMPLETED)
-    return sorted(progress.results, key=lambda r: r["index"])
+    except concurrent.futures.process.BrokenProcessPool as error:
+        raise RuntimeError(f"a worker process of prepare() died ({error}). If it was out of "
+                           f"memory, pass fewer workers. {UNGUARDED_SCRIPT}") from None
 
 
 def _collect(pending, progress, mode):

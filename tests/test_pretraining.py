@@ -423,6 +423,20 @@ def test_prepare_in_parallel_writes_what_the_instance_rules_give(corpus, tmp_pat
         assert record["next_sentence_labels"].numpy().tolist() == instance["next_sentence_labels"]
 
 
+def test_parallel_prepare_from_an_unguarded_script_says_how_to_fix_it(corpus, tmp_path):
+    # Spawned workers import the calling script: without a __main__ guard each worker would run
+    # prepare() again, into the same directory.
+    script = tmp_path / "unguarded.py"
+    script.write_text("from pretraining import data_utils\n"
+                      f"data_utils.prepare([{corpus!r}], {str(tmp_path / 'data')!r}, "
+                      "documents_per_shard=400, workers=2, min_count=3, verbose=0)\n")
+    result = subprocess.run([sys.executable, str(script)], env=subprocess_env(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "data" / du.INFO_FILE).exists()
+
+
 def stream(data_dir, batches, batch_size, **kwargs):
     dataset = du.load_dataset(data_dir, batch_size, seed=7, shuffle_buffer=300, **kwargs)
     return [b["input_ids"].numpy() for b in itertools.islice(dataset, batches)]
