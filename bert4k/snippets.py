@@ -604,10 +604,21 @@ class DataGenerator:
             yield _pop_random(buffer)
 
     def forfit(self, random=True):
-        """Loops over ``__iter__(random)`` forever: the stream ``fit`` takes with ``steps_per_epoch``."""
+        """Loops over ``__iter__(random)`` forever: the stream ``fit`` takes with ``steps_per_epoch``.
+
+        Batches may be padded to their own longest sequence. On TensorFlow, Keras reads the first two
+        batches and fixes every dimension in which they agree, then fails on (or, given a Python
+        generator, hangs after) a later batch that differs there. So with ``random`` (the order is
+        a draw anyway) the second batch of each pass is the one of the next ``SIGNATURE_LOOKAHEAD``
+        whose shape differs from the first's along the most axes; the others follow in their order.
+        """
+        yield from self._passes(random, shapes_apart=random)
+
+    def _passes(self, random, shapes_apart=False):
         while True:
             produced_any = False
-            for batch in self.__iter__(random):
+            batches = self.__iter__(random)
+            for batch in _second_batch_shaped_apart(batches) if shapes_apart else batches:
                 produced_any = True
                 yield batch
             if not produced_any:
@@ -649,7 +660,7 @@ class DataGenerator:
             return tf.TensorSpec(shape, tf.as_dtype(dtype))
 
         def samples():
-            for sample in self.forfit(random):
+            for sample in self._passes(random):
                 if names is not None:
                     sample = _attach_names(names, sample)
                 yield _as_tuples(types, sample)
@@ -674,10 +685,52 @@ class DataGenerator:
         sequential, so more processes would each redo the whole pass) and handed to Keras through a
         queue, which keeps tokenization off the training process.
 
-        On TensorFlow, Keras fixes every dimension that is equal in the first two batches; a later batch
-        padded shorter there is zero-padded up to it (see ``DataGeneratorPyDataset``).
+        On TensorFlow, Keras fixes every dimension that is equal in the first two batches (``forfit``
+        makes them differ where it can); a later batch padded shorter there is zero-padded up to it
+        (see ``DataGeneratorPyDataset``).
         """
         return _pydataset_class()(self, random, workers, use_multiprocessing, max_queue_size)
+
+
+SIGNATURE_LOOKAHEAD = 16
+
+
+def _second_batch_shaped_apart(batches, lookahead=SIGNATURE_LOOKAHEAD):
+    """``batches`` with one of the ``lookahead`` after the first moved up to second place: the one
+    whose shape differs from the first's along the most axes (the earliest such; none moved if
+    they all have the first's shape)."""
+    first = next(batches, _NOTHING)
+    if first is _NOTHING:
+        return
+    ahead = list(itertools.islice(batches, lookahead))
+    yield first
+    if ahead:
+        reference = _leaf_shapes(first)
+        scores = [_count_axes_differing(_leaf_shapes(batch), reference) for batch in ahead]
+        yield ahead.pop(scores.index(max(scores)))
+    yield from ahead
+    yield from batches
+
+
+def _count_axes_differing(shapes, reference):
+    """In how many (array, axis) pairs, the batch axis aside, ``shapes`` differ from ``reference``."""
+    if len(shapes) != len(reference):
+        return 0
+    return sum(
+        a[axis] != b[axis]
+        for a, b in zip(shapes, reference)
+        if len(a) == len(b)
+        for axis in range(1, len(a))  # Keras leaves the batch axis free anyway
+    )
+
+
+def _leaf_shapes(batch):
+    """Shapes of a (tuple / list / dict) batch's arrays, in a fixed order."""
+    if isinstance(batch, dict):
+        return [shape for key in batch for shape in _leaf_shapes(batch[key])]
+    if isinstance(batch, (list, tuple)):
+        return [shape for part in batch for shape in _leaf_shapes(part)]
+    return [tuple(np.shape(batch))]
 
 
 def _pop_random(items):

@@ -3,6 +3,7 @@
 import itertools
 import math
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -298,6 +299,49 @@ def test_forfit_refuses_to_spin_on_exhausted_data():
     assert len(list(itertools.islice(stream, 2))) == 2
     with pytest.raises(ValueError, match="produced nothing"):
         next(stream)
+
+
+class LengthGenerator(DataGenerator):
+    """One batch of two sequences per item of ``data``, each item giving the batch's length."""
+
+    def __iter__(self, random=False):
+        for _, length in self.sample():  # in order even when random: the tests know what to expect
+            yield np.full((2, length), length, dtype="int32"), np.zeros((2, 1), dtype="float32")
+
+
+def test_forfit_moves_a_batch_of_another_length_up_to_second_place():
+    generator = LengthGenerator([10, 10, 10, 7, 12], batch_size=1)
+    stream = generator.forfit()
+    for _ in range(2):  # each pass, whole
+        assert [ids.shape[1] for ids, _ in itertools.islice(stream, 5)] == [10, 7, 10, 10, 12]
+    ordered = generator.forfit(random=False)  # for predict: the order is the data's
+    assert [ids.shape[1] for ids, _ in itertools.islice(ordered, 5)] == [10, 10, 10, 7, 12]
+    same = LengthGenerator([5, 5, 5], batch_size=1).forfit()
+    assert [ids[0, 0] for ids, _ in itertools.islice(same, 3)] == [5, 5, 5]
+
+
+@pytest.mark.parametrize("adapter", ["forfit", "to_pydataset"])
+def test_fit_takes_batches_padded_to_their_longest_when_the_first_two_agree(adapter):
+    import keras
+
+    model = build_tiny_classifier(keras)
+    generator = LengthGenerator([10, 10, 7, 12], batch_size=1)
+    data = getattr(generator, adapter)()
+    outcome = {}
+
+    def fit():  # a batch outside Keras's signature can make fit hang on TensorFlow: bounded here
+        try:
+            outcome["history"] = model.fit(data, steps_per_epoch=len(generator), epochs=2, verbose=0)
+        except Exception as error:  # noqa: BLE001 - raised again in the test's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=fit, daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "fit hung"
+    if "error" in outcome:
+        raise outcome["error"]
+    assert np.all(np.isfinite(outcome["history"].history["loss"]))
 
 
 def test_to_dataset_gives_the_generators_padded_batches():
