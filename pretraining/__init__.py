@@ -68,7 +68,7 @@ MODEL_FLAGS = {
 TRAINING_FLAGS = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
                   "exclude_from_weight_decay", "grad_accum_steps", "lamb", "clip_norm",
                   "checkpoint_every", "keep_checkpoints", "log_every", "seed", "shuffle_buffer",
-                  "length_multiple_of", "init_checkpoint", "ignore_invalid_weights", "strategy", "tpu",
+                  "length_multiple_of", "group_by_length", "init_checkpoint", "ignore_invalid_weights", "strategy", "tpu",
                   "distribution")
 
 
@@ -97,6 +97,9 @@ def add_pretrain_arguments(parser):
     add("--length-multiple-of", type=int,
         help="cut each batch after its longest sequence, rounded up to a multiple of this "
              "(default 32; 0 keeps max_seq_length, as TPUs need)")
+    add("--group-by-length", type=int,
+        help="sort the sequences of this many batches by length before batching them, so that "
+             "cutting after the longest removes most padding (default 16; 0: not)")
     add("--init-checkpoint", help="start from these weights (Google prefix, HF dir, .safetensors)")
     add("--ignore-invalid-weights", action="store_true", default=None,
         help="with --init-checkpoint: keep initial values for weights it lacks (e.g. NSP head)")

@@ -823,7 +823,7 @@ def read_info(data_dir):
 
 
 def load_dataset(data_dir, batch_size, seed=0, start_example=0, num_shards=1, shard_index=0,
-                 shuffle_buffer=10_000, cycle_length=4, length_multiple_of=None):
+                 shuffle_buffer=10_000, cycle_length=4, length_multiple_of=None, group_by_length=0):
     """An endless tf.data stream of batches {feature: int32/float32 tensor} from a prepared dir.
 
     The global order of examples depends only on `seed` (shard files shuffled each epoch,
@@ -835,6 +835,10 @@ def load_dataset(data_dir, batch_size, seed=0, start_example=0, num_shards=1, sh
     of this (None: every batch is max_seq_length long, as static shapes such as TPUs' need).
     Sequences that end with their document are often much shorter than max_seq_length, and the
     padding would cost as much compute as the tokens.
+    group_by_length: k > 1 reads k batches at a time, sorts their sequences by length and deals
+    them out as k batches in a seeded random order, so that a batch holds sequences of similar
+    lengths and length_multiple_of cuts away most of its padding. A window of k batches is the
+    unit of the order: resuming inside one replays it and skips the batches already taken.
     """
     import tensorflow as tf
 
@@ -850,12 +854,16 @@ def load_dataset(data_dir, batch_size, seed=0, start_example=0, num_shards=1, sh
                                  deterministic=True)
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-    dataset = dataset.skip(start_example)
-    if num_shards > 1:
-        dataset = dataset.shard(num_shards, shard_index)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
-    dataset = dataset.map(lambda records: parse_batch(tf, records, spec),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if group_by_length > 1:
+        dataset = grouped_batches(tf, dataset, spec, batch_size, seed, start_example, num_shards,
+                                  shard_index, group_by_length)
+    else:
+        dataset = dataset.skip(start_example)
+        if num_shards > 1:
+            dataset = dataset.shard(num_shards, shard_index)
+        dataset = dataset.batch(batch_size, drop_remainder=True)
+        dataset = dataset.map(lambda records: parse_batch(tf, records, spec),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if length_multiple_of:
         dataset = dataset.map(lambda batch: trim_batch(tf, batch, length_multiple_of),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -876,6 +884,44 @@ def parse_batch(tf, records, spec):
 
 
 SEQUENCE_FEATURES = ("input_ids", "segment_ids")  # one value a position; the rest index positions
+
+
+def grouped_batches(tf, dataset, spec, batch_size, seed, start_example, num_shards, shard_index, group):
+    """load_dataset's batches with group_by_length: each window of `group` global batches is
+    sorted whole, then pipeline k takes rows k, k+n, ... of each global batch, so that n pipelines
+    together still read what one pipeline reads."""
+    global_batch = batch_size * num_shards
+    windows_done, batches_taken = window_position(start_example, global_batch, group)
+    dataset = dataset.skip(windows_done * group * global_batch)
+    dataset = dataset.batch(global_batch * group, drop_remainder=True)
+    dataset = dataset.map(lambda records: parse_batch(tf, records, spec),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.enumerate(start=windows_done).flat_map(
+        lambda window, examples: sorted_batches(tf, examples, global_batch, seed, window))
+    if num_shards > 1:
+        dataset = dataset.map(lambda batch: {name: value[shard_index::num_shards]
+                                             for name, value in batch.items()})
+    return dataset.skip(batches_taken)
+
+
+def window_position(start_example, global_batch, group):
+    """(windows of `group` batches wholly read, batches read of the next) after start_example."""
+    batches, partial = divmod(start_example, global_batch)
+    if partial:
+        raise ValueError(f"start_example={start_example} is not a whole number of batches of "
+                         f"{global_batch}: runs resume only between steps.")
+    return divmod(batches, group)
+
+
+def sorted_batches(tf, examples, batch_size, seed, window):
+    """A window's examples sorted by length, cut into batches, in an order drawn from (seed, window)."""
+    lengths = tf.reduce_sum(tf.cast(examples["input_ids"] != 0, tf.int32), axis=1)
+    by_length = tf.argsort(lengths, stable=True)
+    count = tf.shape(by_length)[0] // batch_size
+    draws = tf.random.stateless_uniform([count], seed=tf.stack([tf.cast(window, tf.int32), seed]))
+    order = tf.gather(tf.reshape(by_length, [count, batch_size]), tf.argsort(draws))
+    return tf.data.Dataset.from_tensor_slices(order).map(
+        lambda rows: {name: tf.gather(value, rows) for name, value in examples.items()})
 
 
 def trim_batch(tf, batch, multiple_of):

@@ -259,6 +259,7 @@ class TrainingSettings:
     seed: int = 0
     shuffle_buffer: int = 10_000
     length_multiple_of: int = 32  # batches cut to their longest sequence, see load_dataset; 0: not
+    group_by_length: int = 16  # batches whose sequences are sorted together, see load_dataset; 0: not
 
     def __post_init__(self):
         if self.warmup_steps is None:
@@ -483,13 +484,21 @@ class Trainer(_TrainerBase):
         return int(self.micro_steps.numpy())
 
     @property
-    def length_multiple_of(self):
+    def on_tpu(self):
         import tensorflow as tf
 
-        # A TPU compiles one program for one shape: every batch keeps max_seq_length there.
         tpu_strategies = (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)
-        tpu = isinstance(self.strategy, tpu_strategies)
-        return None if tpu else self.settings.length_multiple_of
+        return isinstance(self.strategy, tpu_strategies)
+
+    @property
+    def length_multiple_of(self):
+        # A TPU compiles one program for one shape: every batch keeps max_seq_length there, and
+        # grouping by length would buy nothing.
+        return None if self.on_tpu else self.settings.length_multiple_of
+
+    @property
+    def group_by_length(self):
+        return 0 if self.on_tpu else self.settings.group_by_length
 
     def restore(self):
         """Resume from the chief's last complete checkpoint; returns the update step."""
@@ -518,7 +527,8 @@ class Trainer(_TrainerBase):
                 self.data_dir, context.get_per_replica_batch_size(self.settings.batch_size),
                 seed=self.settings.seed, start_example=start_example,
                 num_shards=context.num_input_pipelines, shard_index=context.input_pipeline_id,
-                shuffle_buffer=self.settings.shuffle_buffer, length_multiple_of=self.length_multiple_of)
+                shuffle_buffer=self.settings.shuffle_buffer, length_multiple_of=self.length_multiple_of,
+                group_by_length=self.group_by_length)
 
         return self.strategy.distribute_datasets_from_function(per_worker)
 
@@ -692,7 +702,8 @@ class JaxTrainer(_TrainerBase):
         dataset = data_utils.load_dataset(
             self.data_dir, self.settings.batch_size, seed=self.settings.seed,
             start_example=start_example, shuffle_buffer=self.settings.shuffle_buffer,
-            length_multiple_of=self.settings.length_multiple_of)
+            length_multiple_of=self.settings.length_multiple_of,
+            group_by_length=self.settings.group_by_length)
         for batch in dataset.as_numpy_iterator():
             if self.distribution is not None:
                 batch = {name: keras.distribution.distribute_tensor(
@@ -863,7 +874,8 @@ def pretrain(config, data_dir, output_dir, steps, batch_size, strategy=None, tpu
     a dict of Google bert_config keys (vocab_size defaults to the data's vocabulary).
     batch_size: the global batch. Further settings (TrainingSettings): learning_rate,
     warmup_steps, weight_decay, exclude_from_weight_decay, grad_accum_steps, lamb, clip_norm,
-    checkpoint_every, keep_checkpoints, log_every, seed, shuffle_buffer, length_multiple_of.
+    checkpoint_every, keep_checkpoints, log_every, seed, shuffle_buffer, length_multiple_of,
+    group_by_length.
     init_checkpoint: weights to start from (Google checkpoint prefix, HF directory or
     .safetensors) when output_dir has no checkpoint yet.
     strategy / tpu (TensorFlow backend): see make_strategy. distribution (JAX backend):
