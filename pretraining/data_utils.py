@@ -918,7 +918,7 @@ def sorted_batches(tf, examples, batch_size, seed, window):
     lengths = tf.reduce_sum(tf.cast(examples["input_ids"] != 0, tf.int32), axis=1)
     by_length = tf.argsort(lengths, stable=True)
     count = tf.shape(by_length)[0] // batch_size
-    draws = tf.random.stateless_uniform([count], seed=tf.stack([tf.cast(window, tf.int32), seed]))
+    draws = tf.random.stateless_uniform([count], seed=tf.stack([window, tf.constant(seed, tf.int64)]))
     order = tf.gather(tf.reshape(by_length, [count, batch_size]), tf.argsort(draws))
     return tf.data.Dataset.from_tensor_slices(order).map(
         lambda rows: {name: tf.gather(value, rows) for name, value in examples.items()})
