@@ -68,8 +68,8 @@ MODEL_FLAGS = {
 TRAINING_FLAGS = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay",
                   "exclude_from_weight_decay", "grad_accum_steps", "lamb", "clip_norm",
                   "checkpoint_every", "keep_checkpoints", "log_every", "seed", "shuffle_buffer",
-                  "length_multiple_of", "group_by_length", "init_checkpoint", "ignore_invalid_weights", "strategy", "tpu",
-                  "distribution")
+                  "length_multiple_of", "group_by_length", "init_checkpoint", "ignore_invalid_weights",
+                  "strategy", "tpu", "distribution")
 
 
 def add_pretrain_arguments(parser):
