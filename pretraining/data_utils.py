@@ -916,8 +916,7 @@ def window_position(start_example, global_batch, group):
 
 def sorted_batches(tf, examples, batch_size, seed, window):
     """A window's examples sorted by length, cut into batches, in an order drawn from (seed, window)."""
-    lengths = tf.reduce_sum(tf.cast(examples["input_ids"] != 0, tf.int32), axis=1)
-    by_length = tf.argsort(lengths, stable=True)
+    by_length = tf.argsort(sequence_lengths(tf, examples), stable=True)
     count = tf.shape(by_length)[0] // batch_size
     draws = tf.random.stateless_uniform([count], seed=tf.stack([window, tf.constant(seed, tf.int64)]))
     order = tf.gather(tf.reshape(by_length, [count, batch_size]), tf.argsort(draws))
@@ -925,10 +924,15 @@ def sorted_batches(tf, examples, batch_size, seed, window):
         lambda rows: {name: tf.gather(value, rows) for name, value in examples.items()})
 
 
+def sequence_lengths(tf, batch):
+    """Each sequence's length: its tokens before the padding ([PAD] = 0, at the end)."""
+    return tf.reduce_sum(tf.cast(batch["input_ids"] != 0, tf.int32), axis=1)
+
+
 def trim_batch(tf, batch, multiple_of):
     """The batch with its sequence features cut after the longest sequence (padding is [PAD] = 0,
     at the end), rounded up to a multiple of `multiple_of`: only the padding goes."""
-    longest = tf.reduce_max(tf.reduce_sum(tf.cast(batch["input_ids"] != 0, tf.int32), axis=1))
+    longest = tf.reduce_max(sequence_lengths(tf, batch))
     length = tf.minimum((longest + multiple_of - 1) // multiple_of * multiple_of,
                         tf.shape(batch["input_ids"])[1])
     return {name: value[:, :length] if name in SEQUENCE_FEATURES else value
