@@ -555,13 +555,27 @@ class DataGenerator:
         model.fit(train_generator.forfit(), steps_per_epoch=len(train_generator), epochs=3)
 
     Shuffling uses NumPy's global RNG, so ``np.random.seed`` makes runs repeatable.
+
+    Batches padded to their own longest sequence carry less padding when their sequences are of
+    similar length. Given ``length_of`` (an item's length, e.g. ``lambda item: len(item[0])``), a
+    shuffled pass sorts the items of every ``group_by_length`` batches by length and hands out that
+    window's batches in a random order (as pretraining's ``group_by_length`` does; 1 leaves the
+    batches as drawn). ``__iter__`` should then batch every ``batch_size`` items, as above, and
+    pad each batch to its own longest (``sequence_padding(batch_ids, multiple_of=32)``). Ordered
+    passes keep the data's order.
     """
 
-    def __init__(self, data, batch_size=32, buffer_size=None):
+    def __init__(self, data, batch_size=32, buffer_size=None, length_of=None, group_by_length=16):
         self.data = data
         self.batch_size = batch_size
         self.steps = math.ceil(len(data) / batch_size) if hasattr(data, "__len__") else None
         self.buffer_size = buffer_size or batch_size * 1000
+        if length_of is not None and not callable(length_of):
+            raise TypeError(f"length_of must be a function of an item, got {length_of!r}")
+        if length_of is not None and not (isinstance(group_by_length, int) and group_by_length >= 1):
+            raise ValueError(f"group_by_length must be a whole number of batches >= 1, got {group_by_length!r}")
+        self.length_of = length_of
+        self.group_by_length = group_by_length
 
     def __len__(self):
         if self.steps is None:
@@ -586,6 +600,8 @@ class DataGenerator:
             items = (self.data[i] for i in np.random.permutation(len(self.data)))
         else:
             items = self._buffer_shuffled()
+        if random and self.length_of is not None and self.group_by_length > 1:
+            items = self._grouped_by_length(items)
         previous = next(items, _NOTHING)
         if previous is _NOTHING:
             return
@@ -602,6 +618,17 @@ class DataGenerator:
                 yield _pop_random(buffer)
         while buffer:
             yield _pop_random(buffer)
+
+    def _grouped_by_length(self, items):
+        window_size = self.batch_size * self.group_by_length
+        while window := list(itertools.islice(items, window_size)):
+            window.sort(key=self.length_of)  # stable: equal lengths keep their shuffled order
+            batches = [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+            # Only the data's last window can end in a short batch; it stays last, so __iter__'s
+            # batches (every batch_size items, then is_end) still cut the stream where the window does.
+            full = len(batches) - (len(batches[-1]) < self.batch_size)
+            for i in np.random.permutation(full).tolist() + list(range(full, len(batches))):
+                yield from batches[i]
 
     def forfit(self, random=True):
         """Loops over ``__iter__(random)`` forever: the stream ``fit`` takes with ``steps_per_epoch``.

@@ -11,7 +11,8 @@
    checkpoint (bert_model.ckpt), which every example takes (--config --checkpoint --vocab).
 3. Fine-tuning: the pretrained model classifies the sentiment of the 16,883 labelled training
    reviews (`--labels` for fewer) from the mean of its token states, one epoch, the learning rate
-   warmed up and decayed to 0.
+   warmed up and decayed to 0; each batch holds reviews of similar length (`--group-by-length`),
+   padded to its longest.
 4. The same architecture, vocabulary, data and settings from random weights, for comparison.
    Each is fine-tuned `--seeds` times (classifier and dropout seeds; for the random model also its
    weights), so that a gain is told from the seed's own effect (about 0.5-1 point here).
@@ -53,6 +54,9 @@ def argument_parser():
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--maxlen", type=int, default=128, help="tokens per review when fine-tuning")
+    parser.add_argument("--group-by-length", type=int, default=16,
+                        help="fine-tuning batches hold reviews of similar length drawn from this many "
+                             "batches (1: as drawn)")
     parser.add_argument("--learning-rate", type=float, default=5e-4,
                         help="fine-tuning peak (10%% warmup, then linear decay to 0)")
     parser.add_argument("--seed", type=int, default=42)
@@ -112,7 +116,7 @@ def finetune(args, model_dir, pretrained, train, test, seed):
     output = keras.layers.Dropout(0.1)(output)
     output = keras.layers.Dense(2, activation="softmax")(output)
     model = keras.Model(bert.inputs, output)
-    generator = sentiment.Generator(train, tokenizer, args.maxlen, args.batch_size)
+    generator = sentiment.Generator(train, tokenizer, args.maxlen, args.batch_size, args.group_by_length)
     # Decayed to 0, the last updates are small: the accuracy then depends much less on the seed.
     steps = len(generator) * args.epochs
     schedule = WarmupLinearDecay(args.learning_rate, steps // 10, steps)

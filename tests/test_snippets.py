@@ -301,6 +301,56 @@ def test_forfit_refuses_to_spin_on_exhausted_data():
         next(stream)
 
 
+def length_samples(count):
+    """(token ids, label) pairs of lengths 1-40 in a fixed scrambled order; the first id numbers the
+    sample (+ 1: 0 is padding)."""
+    lengths = (np.arange(count) * 7919) % 40 + 1
+    return [([k + 1] + [7] * (int(length) - 1), k % 2) for k, length in enumerate(lengths)]
+
+
+def padded_positions(batches):
+    return sum(ids.size for ids, _ in batches)
+
+
+def test_grouping_by_length_sorts_windows_of_batches_and_draws_their_order():
+    np.random.seed(3)
+    data = length_samples(90)
+    generator = BatchGenerator(data, batch_size=4, length_of=lambda item: len(item[0]), group_by_length=5)
+    passes = [list(generator.__iter__(random=True)) for _ in range(2)]
+    for batches in passes:
+        assert sorted(sample_order(batches)) == list(range(90))  # every sample once
+        assert [len(ids) for ids, _ in batches] == [4] * 22 + [2]  # the short batch stays last
+        for window in range(0, 20, 5):  # 5 batches of 4 items; the last window holds 3 batches
+            ranges = sorted((ids.shape[1], min(np.count_nonzero(row) for row in ids))
+                            for ids, _ in batches[window:window + 5])
+            assert all(low_next >= high for (high, _), (_, low_next) in zip(ranges, ranges[1:]))
+    windows = [[ids.shape[1] for ids, _ in batches[w:w + 5]] for batches in passes for w in range(0, 20, 5)]
+    assert sum(longest == sorted(longest) for longest in windows) < len(windows) / 2  # not shortest first
+    assert sample_order(passes[0]) != sample_order(passes[1])
+    ungrouped = BatchGenerator(data, batch_size=4)
+    assert padded_positions(passes[0]) < 0.8 * padded_positions(list(ungrouped.__iter__(random=True)))
+    assert sample_order(generator.fortest()) == list(range(90))  # ordered passes are not grouped
+
+
+def test_grouping_by_length_of_unsized_data():
+    np.random.seed(4)
+    data = length_samples(30)
+    generator = BatchGenerator(iter(data), batch_size=4, buffer_size=8, length_of=lambda item: len(item[0]),
+                               group_by_length=2)
+    batches = list(generator.__iter__(random=True))
+    assert sorted(sample_order(batches)) == list(range(30))
+    assert [len(ids) for ids, _ in batches] == [4] * 7 + [2]
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(length_of=7), TypeError, "length_of must be a function"),
+    (dict(length_of=len, group_by_length=0), ValueError, "group_by_length must be a whole number"),
+])
+def test_grouping_by_length_refuses_bad_arguments(arguments, error, message):
+    with pytest.raises(error, match=message):
+        BatchGenerator(make_samples(4), batch_size=2, **arguments)
+
+
 class LengthGenerator(DataGenerator):
     """One batch of two sequences per item of ``data``, each item giving the batch's length."""
 
