@@ -24,10 +24,10 @@ from bert4k.snippets import DataGenerator, sequence_padding
 
 class Generator(DataGenerator):
     """Batches of ((token_ids, segment_ids), labels), each padded to its longest review rounded up
-    to a multiple of 32 (a few shapes: XLA and JAX compile once per shape). With `group_by_length`
-    k > 1, shuffled passes batch reviews of similar length (character count) out of every k
-    batches, so the batches carry little padding (the main job takes 16). (A tuple, not a list:
-    Keras 3's generator adapter takes a list for one array.)"""
+    to a multiple of 32, or to maxlen (a few shapes: XLA and JAX compile once per shape). With
+    `group_by_length` k > 1, shuffled passes batch reviews of similar length (character count) out
+    of every k batches, so the batches carry little padding (the main job takes 16). (A tuple, not
+    a list: Keras 3's generator adapter takes a list for one array.)"""
 
     def __init__(self, data, tokenizer, maxlen, batch_size, group_by_length=1):
         super().__init__(data, batch_size, length_of=lambda item: len(item[0]),
@@ -40,7 +40,8 @@ class Generator(DataGenerator):
             token_ids.append(self.tokenizer.encode(text, maxlen=self.maxlen)[0])
             labels.append([label])
             if len(token_ids) == self.batch_size or is_end:
-                token_ids = sequence_padding(token_ids, multiple_of=32)
+                # Never past maxlen: the model's position embeddings may end there.
+                token_ids = sequence_padding(token_ids, multiple_of=32)[:, :self.maxlen]
                 yield (token_ids, np.zeros_like(token_ids)), np.array(labels)
                 token_ids, labels = [], []
 
