@@ -40,6 +40,10 @@ What is measured and how:
 * Fine-tuning: a classifier (pooled [CLS] -> Dense(2) softmax, sparse cross-entropy, AdamW 2e-5,
   dropout 0.1 as in the configs) at 16x128: Keras `train_on_batch`; torch forward, backward,
   AdamW step.
+* Fine-tuning from a Python generator: the same classifier (bert4k-tf-graph, MiniLM, 16x128),
+  `model.fit` on an endless generator of 8 fixed batches as the first thing in a fresh process,
+  from `DataGenerator.forfit` and from a plain generator; 5 warm-up steps, then the median step
+  time and the page faults per step (ru_minflt) over 20 steps (8 with --quick).
 * FLOPs per token, matmuls only (embedding look-ups, norms, softmax and activations are not
   counted), for L layers, hidden H, FFN size I, sequence length S:
       forward  = L * (2 * (4*H*H + 2*H*I) + 4*S*H)
@@ -91,6 +95,7 @@ MODEL_TITLES = {"minilm": "MiniLM-L6-H384 (real checkpoint)", "base": "BERT-base
 VOCAB_SIZE = 30522
 INFERENCE_SHAPES = [(1, 128), (8, 128), (32, 128), (8, 512)]
 TRAIN_SHAPE = (16, 128)
+GENERATOR_FEEDS = ("plain generator", "DataGenerator.forfit")
 
 # Environments: name -> (python, extra environment variables).
 ENVIRONMENTS = {
@@ -330,7 +335,8 @@ class KerasRunner:
         model.compile(**self.compile_options())
         return lambda tokens, segments: to_numpy(model.predict_on_batch([tokens, segments]))
 
-    def training(self):
+    def classifier(self):
+        """pooled [CLS] -> Dense(2) softmax, compiled for training."""
         keras = self.keras
         encoder = self.build(pooled=True)
         probabilities = keras.layers.Dense(2, activation="softmax", name="Classifier")(encoder.output)
@@ -338,6 +344,10 @@ class KerasRunner:
         optimizer = keras.optimizers.AdamW(learning_rate=2e-5)
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                       **self.compile_options())
+        return model
+
+    def training(self):
+        model = self.classifier()
         return lambda tokens, segments, labels: model.train_on_batch([tokens, segments], labels)
 
 
@@ -507,6 +517,44 @@ def worker_model(job):
         times = measure(lambda: step(tokens, segments, labels), **timing)
         emit(dict(base, kind="training", batch=batch, length=length, **times,
                   tokens_per_s=batch * length / times["seconds"], rss_mib=rss_mib()))
+
+
+def worker_generator_fit(job):
+    """model.fit on a Python generator, first thing in a fresh process, as a fine-tuning script
+    does: from bert4k's DataGenerator.forfit (which calls keep_freed_memory) or from a plain
+    generator of the same batches (TensorFlow's malloc setting stays)."""
+    import keras
+
+    from bert4k.snippets import DataGenerator
+
+    batch, length = job["batch"], job["length"]
+    batches = [make_inputs(batch, length, seed) for seed in range(8)]
+    batches = [((tokens, segments), labels) for tokens, segments, labels in batches]
+
+    class Batches(DataGenerator):
+        def __iter__(self, random=False):
+            yield from self.data
+
+    if job["feed"] == "DataGenerator.forfit":
+        stream = Batches(batches, batch_size=1).forfit(random=False)
+    else:
+        stream = (b for _ in iter(int, 1) for b in batches)
+    model = KerasRunner(dict(job, variant="bert4k-tf-graph", impl="bert4k", mode="graph",
+                             precision="float32")).classifier()
+    marks = []
+
+    def mark(*_, **__):
+        marks.append((time.perf_counter(), cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+
+    warmup, steps = job["warmup_steps"], job["steps"]
+    model.fit(stream, steps_per_epoch=warmup + steps, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=mark)])
+    timed = marks[warmup - 1:]
+    step = statistics.median(b[0] - a[0] for a, b in zip(timed, timed[1:]))
+    wall, cpu, faults = (timed[-1][i] - timed[0][i] for i in range(3))
+    emit(dict(kind="generator_fit", feed=job["feed"], model=job["model"], batch=batch, length=length,
+              steps=steps, seconds=step, cpu=step * cpu / wall, page_faults_per_step=faults / steps,
+              tokens_per_s=batch * length / step, rss_mib=rss_mib()))
 
 
 def worker_scaling(job):
@@ -797,6 +845,7 @@ def worker_versions(job):
 
 def run_worker(job):
     {"model": worker_model, "group": worker_group, "scaling": worker_scaling, "peak": worker_peak,
+     "generator_fit": worker_generator_fit,
      "tokenizer": worker_tokenizer, "pretraining": worker_pretraining, "assets": worker_assets,
      "versions": worker_versions}[job["job"]](job)
 
@@ -933,6 +982,11 @@ class Driver:
         for pass_index in range(a.passes if (a.inference or a.training) else 0):
             for model in a.models:
                 self.run_model_jobs(model, pass_index)
+        if a.training:
+            for feed in GENERATOR_FEEDS:
+                job = dict(job="generator_fit", feed=feed, model="minilm", batch=TRAIN_SHAPE[0],
+                           length=TRAIN_SHAPE[1], warmup_steps=5, steps=8 if a.quick else 20)
+                self.run("main", job, "generator-fit-" + feed.replace(" ", "-").lower())
         if a.inference and a.head_to_head:
             for model in a.models:
                 self.run_head_to_head(model)
@@ -1079,6 +1133,8 @@ class Report:
         for model in a.models:
             if self.select(kind="inference", model=model) or self.select(kind="training", model=model):
                 lines += [self.model_table(model), ""]
+        if self.select(kind="generator_fit"):
+            lines += [self.generator_fit_table(), ""]
         if self.select(kind="headtohead"):
             lines += [self.head_to_head_table(), ""]
         if self.select(kind="scaling"):
@@ -1165,6 +1221,26 @@ class Report:
         if numbers:
             return difference, difference / float(np.max(np.abs(expected)))
         return f"{difference:.1e}"
+
+    def generator_fit_table(self):
+        reference = self.one(kind="training", variant="bert4k-tf-graph", model="minilm",
+                             batch=TRAIN_SHAPE[0], length=TRAIN_SHAPE[1])
+        batch, length = TRAIN_SHAPE
+        rows = [f"#### Fine-tuning from a Python generator: bert4k-tf-graph, {MODEL_TITLES['minilm']}, "
+                f"{batch}x{length}", "",
+                "`model.fit` on a generator as the first thing in a fresh process. TensorFlow's "
+                "generator dataset then sets malloc's trim threshold to 128 KB (and so its mmap "
+                "threshold stays low); `DataGenerator.forfit` undoes that (`keep_freed_memory`). "
+                "x: against `train_on_batch` (the table above, its own process).", "",
+                "| feed | seconds/step | tokens/s | x | page faults/step | cores busy | RSS MiB |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for feed in GENERATOR_FEEDS:
+            r = self.one(kind="generator_fit", feed=feed)
+            if r:
+                ratio = f"x{r['tokens_per_s'] / reference['tokens_per_s']:.2f}" if reference else "-"
+                rows.append(f"| {feed} | {r['seconds']:.3f} | {fmt(r['tokens_per_s'])} | {ratio} | "
+                            f"{fmt(r['page_faults_per_step'])} | {busy_cores(r):.1f} | {fmt(r['rss_mib'])} |")
+        return "\n".join(rows)
 
     def head_to_head_table(self):
         rows = ["### Head to head: bert4k and keras-hub in one process, calls interleaved", "",
