@@ -553,7 +553,8 @@ def keep_freed_memory():
     training step of a small BERT (32x128) took 110,000 page faults and 550 ms instead of 3,400 and
     240 ms. This lets TensorFlow make its one change now, then sets the limits glibc's own heuristic
     grows to (mmap 32 MiB, trim 64 MiB). ``DataGenerator`` calls it; call it yourself before fitting
-    on another Python generator. Nothing happens without glibc, or before TensorFlow is imported.
+    on another Python generator. Nothing happens without glibc, or before TensorFlow is imported
+    (then no generator dataset has run either).
     """
     global _freed_memory_kept
     tf = sys.modules.get("tensorflow")
@@ -689,8 +690,11 @@ class DataGenerator:
                 )
 
     def fortest(self, random=False):
-        """One pass over ``__iter__(random)``, in order by default: for evaluation and prediction."""
-        yield from self.__iter__(random)
+        """One pass over ``__iter__(random)``, in order by default: for evaluation and prediction.
+        Under TensorFlow it first calls ``keep_freed_memory()``, as ``predict`` on it is a generator
+        dataset too."""
+        keep_freed_memory()
+        return iter(self.__iter__(random))
 
     def to_dataset(self, types, shapes, names=None, padded_batch=False, random=True):
         """An endless ``tf.data.Dataset`` built from ``forfit(random)``.
