@@ -1226,7 +1226,7 @@ class Report:
         reference = self.one(kind="training", variant="bert4k-tf-graph", model="minilm",
                              batch=TRAIN_SHAPE[0], length=TRAIN_SHAPE[1])
         batch, length = TRAIN_SHAPE
-        rows = [f"#### Fine-tuning from a Python generator: bert4k-tf-graph, {MODEL_TITLES['minilm']}, "
+        rows = [f"### Fine-tuning from a Python generator: bert4k-tf-graph, {MODEL_TITLES['minilm']}, "
                 f"{batch}x{length}", "",
                 "`model.fit` on a generator as the first thing in a fresh process. TensorFlow's "
                 "generator dataset then sets malloc's trim threshold to 128 KB (and so its mmap "
