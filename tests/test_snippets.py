@@ -1,4 +1,5 @@
-"""Tests for bert4k.snippets and bert4k.feeding (through snippets, as scripts import them) against hand-built arrays, closed forms and brute force."""
+"""Tests for bert4k.snippets and bert4k.feeding (through snippets, as scripts import them) against
+hand-built arrays, closed forms and brute force."""
 
 import itertools
 import math
