@@ -17,8 +17,8 @@ Reported: the top predictions for each [MASK] of the example sentences, and the 
 top prediction on the test split with 15% of each review's characters replaced by [MASK].
 
 Result at the default settings on a fresh clone (the small config, hidden 128, 2 layers, trained
-here for 1 epoch: maxlen 64, batch 32, learning rate 3e-4; 12 minutes on 2 CPU cores shared with
-other jobs): accuracy 0.057 on masked test characters. That is the first stage of MLM training: the
+here for 1 epoch: maxlen 64, batch 32, learning rate 3e-4; 2 min 42 s on README's idle 2-core
+AMD EPYC VM): accuracy 0.057 on masked test characters. That is the first stage of MLM training: the
 model has learnt the character frequencies (its guesses are ， 的 是 for every [MASK]) and not yet
 the context, which takes far more steps than a demo can spend. Meaningful fills need a real
 pretrained checkpoint, such as the pretraining job's in runs/pretrain.
