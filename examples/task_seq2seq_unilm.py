@@ -14,14 +14,14 @@ common subsequence), next to the ROUGE-L of the shuffled input itself as the bas
     python examples/task_seq2seq_unilm.py
     python examples/task_seq2seq_unilm.py "好很务服"
 
-Result at the default settings (random init, small config: hidden 128, 2 layers; phrases of at
-most --maxlen 16 characters, 30,000 training phrases, batch 64, learning rate 1e-3, 1 epoch; 200
-test phrases, beam 3): exact match 0.030, ROUGE-L 0.406, still below the shuffled input's own
-0.497, in 6 minutes on 2 CPU cores (5 for training, 0.6 s a step). Trained from scratch this
-briefly, the model writes review-like phrases that borrow some of the input's characters
-("陋但实间确很简房" -> "但实很非常很干净") but has not learnt the task; at learning rate 3e-4 it
-had not even begun to use its input (ROUGE-L 0.117). The same code learns a synthetic copy task in
-300 steps, so this task needs far more training or a pretrained checkpoint (--config --checkpoint
+Result at the default settings (random init, small config: hidden 128, 2 layers; phrases of at most
+--maxlen 16 characters, 30,000 training phrases, batch 64, learning rate 1e-3, 1 epoch; 200 test
+phrases, beam 3): exact match 0.030, ROUGE-L 0.406, still below the shuffled input's own 0.497, in
+4 minutes on README's idle 2-core AMD EPYC VM (3.7 for training, 0.46 s a step). Trained from
+scratch this briefly, the model writes review-like phrases that borrow some of the input's
+characters ("陋但实间确很简房" -> "但实很非常很干净") but has not learnt the task; at learning rate 3e-4 it had not
+even begun to use its input (ROUGE-L 0.117). The same code learns a synthetic copy task in 300
+steps, so this task needs far more training or a pretrained checkpoint (--config --checkpoint
 --vocab).
 """
 

@@ -17,8 +17,9 @@ Result at the default settings (random init, small config: hidden 128, 2 layers;
 characters of each review, batch 32, learning rate 3e-4, 1 epoch over the full training split):
 test F1 0.079 (precision 0.458, recall 0.043), in 1 min 45 s on README's idle 2-core AMD EPYC VM
 (147 ms a step). Weak: trained from scratch for one epoch, the model has learnt the sure cases (a
-question mark after 吗) and stays silent elsewhere; the marks need more Chinese than that. Start from a pretrained checkpoint
-(--config --checkpoint --vocab, e.g. runs/pretrain's) or train for more epochs.
+question mark after 吗) and stays silent elsewhere; the marks need more Chinese than that. Start
+from a pretrained checkpoint (--config --checkpoint --vocab, e.g. runs/pretrain's) or train for
+more epochs.
 """
 
 import keras
