@@ -290,13 +290,13 @@ def keep_freed_memory():
 
     The first time a ``tf.data.Dataset.from_generator`` runs in a process (``model.fit`` on a Python
     generator builds one), TensorFlow sets malloc's trim threshold to 128 KB, which also freezes the
-    mmap threshold where it stands. In a fresh process that is glibc's starting 128 KB, so from then
-    on every tensor over 128 KB is mapped from the kernel and unmapped when freed, page by page: a
-    training step of a small BERT (32x128) took 110,000 page faults and 550 ms instead of 3,400 and
-    240 ms. This lets TensorFlow make its one change now, then sets the limits glibc's own heuristic
-    grows to (mmap 32 MiB, trim 64 MiB). ``DataGenerator`` calls it; call it yourself before fitting
-    on another Python generator. Nothing happens without glibc, or before TensorFlow is imported
-    (then no generator dataset has run either).
+    mmap threshold where it stands: 1-2 MiB after TensorFlow's import. From then on every larger
+    tensor is mapped from the kernel and unmapped when freed, page by page: a training step of a
+    small BERT (32x128) took 110,000 page faults and 550 ms instead of 3,400 and 240 ms. This lets
+    TensorFlow make its one change now, then sets the limits glibc's own heuristic grows to (mmap 32
+    MiB, trim 64 MiB). ``DataGenerator`` calls it; call it yourself before fitting on another Python
+    generator. Nothing happens without glibc, or before TensorFlow is imported (then no generator
+    dataset has run either).
     """
     global _freed_memory_kept
     tf = sys.modules.get("tensorflow")

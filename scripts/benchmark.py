@@ -535,10 +535,14 @@ def worker_generator_fit(job):
         def __iter__(self, random=False):
             yield from self.data
 
+    def plain_generator():  # Keras takes a generator, not any iterator
+        while True:
+            yield from batches
+
     if job["feed"] == "DataGenerator.forfit":
         stream = Batches(batches, batch_size=1).forfit(random=False)
     else:
-        stream = (b for _ in iter(int, 1) for b in batches)
+        stream = plain_generator()
     model = KerasRunner(dict(job, variant="bert4k-tf-graph", impl="bert4k", mode="graph",
                              precision="float32")).classifier()
     marks = []

@@ -346,7 +346,6 @@ def page_faults_after_a_generator_dataset(setting):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 @pytest.mark.backends("tensorflow", reason="probes TensorFlow's own generator datasets: once a CI run")
 def test_data_generators_keep_freed_memory_that_tensorflows_generator_datasets_give_back():
-    pytest.importorskip("tensorflow")
     pages = 20 * 8 * 2**20 // resource.getpagesize()
     assert page_faults_after_a_generator_dataset("plain") > pages // 2  # TensorFlow's own setting
     for entry in ("forfit", "fortest", "to_dataset", "to_pydataset"):
