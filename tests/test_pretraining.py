@@ -207,15 +207,20 @@ def test_build_vocab_puts_special_tokens_first_and_spells_any_word():
 
 def test_crc32c_and_examples_are_read_by_tensorflow(tmp_path):
     assert du.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    features = dict(input_ids=[2, 300, 70000, 3], masked_lm_weights=[1.0, 0.0])
+    # Values of one byte, of the looked-up varints (< 16,384) and beyond them, in separate features.
+    features = dict(input_ids=[2, 300, 70000, 3], segment_ids=[0, 1, 127], masked_lm_ids=[5, 128, 16383],
+                    masked_lm_weights=[1.0, 0.0])
     path = str(tmp_path / "one.tfrecord")
     with open(path, "wb") as f:
         f.write(du.tfrecord(du.encode_example(features)))
     record = next(iter(tf.data.TFRecordDataset(path)))  # TF checks both CRCs
     parsed = tf.io.parse_single_example(record, {
         "input_ids": tf.io.FixedLenFeature([4], tf.int64),
+        "segment_ids": tf.io.FixedLenFeature([3], tf.int64),
+        "masked_lm_ids": tf.io.FixedLenFeature([3], tf.int64),
         "masked_lm_weights": tf.io.FixedLenFeature([2], tf.float32)})
-    assert parsed["input_ids"].numpy().tolist() == [2, 300, 70000, 3]
+    for name in ("input_ids", "segment_ids", "masked_lm_ids"):
+        assert parsed[name].numpy().tolist() == features[name]
     assert parsed["masked_lm_weights"].numpy().tolist() == [1.0, 0.0]
 
 
@@ -515,6 +520,22 @@ def test_resuming_between_batches_is_refused_when_grouping(review_data):
 
 
 @trains
+def test_token_term_is_the_weighted_cross_entropy_and_hit_count():
+    """Against a brute-force log-softmax and argmax in NumPy (batch 3, 5 predictions, vocab 7)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=4.0, size=(3, 5, 7)).astype("float32")
+    labels = rng.integers(0, 7, size=(3, 5))
+    labels[0, :3] = logits[0, :3].argmax(-1)  # some hits for certain
+    weights = rng.integers(0, 2, size=(3, 5)).astype("float32")
+    total, count, hits = (float(keras.ops.convert_to_numpy(v)) for v in pt.token_term(labels, logits, weights))
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    chosen = np.take_along_axis(log_probabilities, labels[..., None], -1)[..., 0]
+    assert total == pytest.approx(-(chosen * weights).sum(), rel=1e-5)
+    assert count == weights.sum()
+    assert hits == ((logits.argmax(-1) == labels) * weights).sum() >= 1
+
+
 def test_mlm_loss_falls_well_below_ln_vocab(trained, mlm_data):
     trainer, result = trained
     ln_vocab = math.log(du.read_info(mlm_data)["vocab_size"])
