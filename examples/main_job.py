@@ -28,16 +28,14 @@ import pathlib
 import sys
 import time
 
-import keras
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bert4k import assets
+from bert4k.tokenizers import Tokenizer
 
-import task_sentiment_classification as sentiment  # noqa: E402  (this directory)
-from bert4k import assets  # noqa: E402
-from bert4k.models import build_transformer_model  # noqa: E402
-from bert4k.optimizers import WarmupLinearDecay  # noqa: E402
-from bert4k.tokenizers import Tokenizer  # noqa: E402
+# Keras (so TensorFlow) is imported in the functions that use it: prepare()'s worker processes
+# import this script, and each would spend seconds importing TensorFlow for nothing.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 SMALL_BERT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
 
@@ -107,6 +105,12 @@ def finetune(args, model_dir, pretrained, train, test, seed):
     """Sentiment classifier on the mean of the token states: from the checkpoint, or from random
     weights. (Masked-LM pretraining trains the token states, never [CLS] or the pooler: the mean
     reads what it learnt directly.)"""
+    import keras
+    import task_sentiment_classification as sentiment  # this directory
+
+    from bert4k.models import build_transformer_model
+    from bert4k.optimizers import WarmupLinearDecay
+
     keras.utils.set_random_seed(seed)
     tokenizer = Tokenizer(os.path.join(model_dir, "vocab.txt"))
     checkpoint = os.path.join(model_dir, "bert_model.ckpt") if pretrained else None

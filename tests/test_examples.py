@@ -12,6 +12,7 @@ import json
 import math
 import pathlib
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -150,6 +151,15 @@ def test_main_job_pretrains_then_compares_with_random_init(tmp_path, capsys):
     assert "mean of 2" in table and "pretraining gain:" in table
     # The same output again: pretraining is finished, so it is reused, not repeated.
     assert module.main(argv)["pretraining"]["seconds"] is None
+
+
+def test_main_job_script_imports_no_deep_learning_framework_at_its_top():
+    """prepare()'s worker processes import the script (multiprocessing's spawn): each would
+    otherwise spend seconds importing TensorFlow for nothing."""
+    code = ("import sys; sys.path.insert(0, 'examples'); import main_job; "
+            "print(sorted({'keras', 'tensorflow', 'jax', 'torch'} & set(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("pretrained, random, verdict", [
