@@ -129,7 +129,9 @@ def finetune(args, model_dir, pretrained, train, test, seed):
     print(f"\nfine-tuning {'the pretrained model' if pretrained else 'from random weights'} "
           f"on {len(train)} labelled reviews (seed {seed})")
     started = time.time()
-    model.fit(generator.forfit(), steps_per_epoch=len(generator), epochs=args.epochs)
+    # On TensorFlow a dataset without tf.data's autotuning: fit then returns at its last step.
+    feed = generator.forfit_dataset() if keras.backend.backend() == "tensorflow" else generator.forfit()
+    model.fit(feed, steps_per_epoch=len(generator), epochs=args.epochs)
     seconds = time.time() - started
     tokens = args.epochs * sum(len(tokenizer.encode(text, maxlen=args.maxlen)[0]) for text, _ in train)
     accuracy = sentiment.accuracy(model, sentiment.Generator(test, tokenizer, args.maxlen, 64))

@@ -445,6 +445,22 @@ def test_fit_takes_batches_padded_to_their_longest_when_the_first_two_agree(adap
     assert np.all(np.isfinite(outcome["history"].history["loss"]))
 
 
+@pytest.mark.backends("tensorflow", reason="forfit_dataset builds a tf.data.Dataset")
+def test_forfit_dataset_serves_forfits_batches_with_free_axes_and_no_autotuning():
+    import keras
+
+    generator = LengthGenerator([10, 10, 10, 7, 12], batch_size=1)
+    dataset = generator.forfit_dataset()
+    ids_spec, labels_spec = dataset.element_spec
+    assert ids_spec.shape.as_list() == [None, None]  # lengths differ among the first batches
+    assert labels_spec.shape.as_list() == [None, 1]  # the same in all of them
+    assert dataset.options().autotune.enabled is False
+    expected = [ids[0, 0] for ids, _ in itertools.islice(generator.forfit(), 12)]
+    assert [ids.numpy()[0, 0] for ids, _ in dataset.take(12)] == expected
+    history = build_tiny_classifier(keras).fit(dataset, steps_per_epoch=5, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
 def test_to_dataset_gives_the_generators_padded_batches():
     pytest.importorskip("tensorflow")
     samples = make_samples(12)  # whole batches: the endless stream would otherwise batch across passes
