@@ -277,15 +277,6 @@ def _as_tuples(template, value):
     return value
 
 
-def _tuples_for_lists(value):
-    """The same nested batch with every list made a tuple (tf.data's structures have no lists)."""
-    if isinstance(value, dict):
-        return {key: _tuples_for_lists(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuples_for_lists(item) for item in value)
-    return value
-
-
 _NOTHING = object()  # marks an empty iterator, since None may be a legitimate item
 
 # glibc <malloc.h> mallopt parameters, and the limits glibc's own heuristic raises them to on 64-bit.
@@ -454,19 +445,16 @@ class DataGenerator:
 
         keep_freed_memory()
         stream = self._passes(random, shapes_apart=random)  # forfit's very stream
-        ahead = [_tuples_for_lists(batch) for batch in itertools.islice(stream, 1 + SIGNATURE_LOOKAHEAD)]
+        ahead = list(itertools.islice(stream, 1 + SIGNATURE_LOOKAHEAD))
         shapes = [_leaf_shapes(batch) for batch in ahead]
         specs = iter([
-            tf.TensorSpec([None] + [size if all(s[i][axis] == size for s in shapes) else None
-                                    for axis, size in enumerate(shape[1:], 1)],
-                          tf.as_dtype(np.asarray(array).dtype))
-            for i, (shape, array) in enumerate(zip(shapes[0], _leaves(ahead[0])))
+            tf.TensorSpec(_axes_they_share([s[i] for s in shapes]), tf.as_dtype(np.asarray(array).dtype))
+            for i, array in enumerate(_leaves(ahead[0]))
         ])
-        signature = _map_leaves(lambda *_: next(specs), ahead[0], ahead[0])
+        signature = _map_leaves(lambda *_: next(specs), ahead[0], ahead[0])  # lists become tuples
 
         def batches():
-            yield from ahead
-            for batch in stream:
+            for batch in itertools.chain(ahead, stream):
                 yield _as_tuples(signature, batch)
 
         options = tf.data.Options()
@@ -574,6 +562,12 @@ def _count_axes_differing(shapes, reference):
         if len(a) == len(b)
         for axis in range(1, len(a))  # Keras leaves the batch axis free anyway
     )
+
+
+def _axes_they_share(shapes):
+    """One array's shape over several batches: None on the batch axis and wherever they differ."""
+    return [None] + [size if all(shape[axis] == size for shape in shapes) else None
+                     for axis, size in enumerate(shapes[0][1:], 1)]
 
 
 def _leaves(batch):

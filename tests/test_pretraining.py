@@ -519,7 +519,6 @@ def test_resuming_between_batches_is_refused_when_grouping(review_data):
 # ---------------------------------------------------------------------------------------------------
 
 
-@trains
 def test_token_term_is_the_weighted_cross_entropy_and_hit_count():
     """Against a brute-force log-softmax and argmax in NumPy (batch 3, 5 predictions, vocab 7)."""
     rng = np.random.default_rng(0)
@@ -536,6 +535,7 @@ def test_token_term_is_the_weighted_cross_entropy_and_hit_count():
     assert hits == ((logits.argmax(-1) == labels) * weights).sum() >= 1
 
 
+@trains
 def test_mlm_loss_falls_well_below_ln_vocab(trained, mlm_data):
     trainer, result = trained
     ln_vocab = math.log(du.read_info(mlm_data)["vocab_size"])
