@@ -571,7 +571,7 @@ def _axes_they_share(shapes):
 
 
 def _leaves(batch):
-    """A (tuple / list / dict) batch's arrays, in the order of ``_leaf_shapes``."""
+    """A (tuple / list / dict) batch's arrays, in a fixed order."""
     if isinstance(batch, dict):
         return [leaf for key in batch for leaf in _leaves(batch[key])]
     if isinstance(batch, (list, tuple)):
@@ -581,11 +581,7 @@ def _leaves(batch):
 
 def _leaf_shapes(batch):
     """Shapes of a (tuple / list / dict) batch's arrays, in a fixed order."""
-    if isinstance(batch, dict):
-        return [shape for key in batch for shape in _leaf_shapes(batch[key])]
-    if isinstance(batch, (list, tuple)):
-        return [shape for part in batch for shape in _leaf_shapes(part)]
-    return [tuple(np.shape(batch))]
+    return [tuple(np.shape(leaf)) for leaf in _leaves(batch)]
 
 
 def _pop_random(items):

@@ -33,9 +33,10 @@ import numpy as np
 from bert4k import assets
 from bert4k.tokenizers import Tokenizer
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # task_sentiment_classification
+
 # Keras (so TensorFlow) is imported in the functions that use it: prepare()'s worker processes
 # import this script, and each would spend seconds importing TensorFlow for nothing.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 SMALL_BERT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
 
