@@ -605,23 +605,25 @@ class SafetensorsReader(Reader):
 class TorchReader(Reader):
     layout = "huggingface"
 
-    def __init__(self, path):
-        super().__init__(path)
+    def __init__(self, paths):
+        super().__init__(paths[0] if len(paths) == 1 else os.path.dirname(paths[0]))
         try:
             import torch
         except ImportError:
             raise CheckpointError(
-                f"{path!r} is a PyTorch pickle. bert4k never unpickles weight files without torch's "
-                "safe loader: install torch (pip install torch==2.13.0 for the CPU build) or convert "
-                "it to safetensors with: python -c \"import torch, safetensors.torch as s; "
-                f"s.save_file(torch.load({path!r}, weights_only=True), 'model.safetensors')\""
+                f"{paths[0]!r} is a PyTorch pickle. bert4k never unpickles weight files without "
+                "torch's safe loader: install torch (pip install torch==2.13.0 for the CPU build) or "
+                "convert it to safetensors with: python -c \"import torch, safetensors.torch as s; "
+                f"s.save_file(torch.load({paths[0]!r}, weights_only=True), 'model.safetensors')\""
             ) from None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"Cannot read PyTorch weights {path!r}: {e}") from None
-        self._tensors = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                         for k, v in state.items()}
+        self._tensors = {}
+        for path in paths:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"Cannot read PyTorch weights {path!r}: {e}") from None
+            self._tensors.update({k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                                  for k, v in state.items()})
         self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
 
     def read(self, name):
@@ -638,7 +640,7 @@ def open_checkpoint(path):
         return SafetensorsReader([path])
     if path.endswith((".bin", ".pt", ".pth")):
         _require_file(path)
-        return TorchReader(path)
+        return TorchReader([path])
     if path.endswith(".index"):
         path = path[: -len(".index")]
     if os.path.exists(path + ".index"):
@@ -650,21 +652,68 @@ def open_checkpoint(path):
 
 
 def _open_directory(path):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return SafetensorsReader([os.path.join(path, s) for s in shards])
+    for index, reader in (("model.safetensors.index.json", SafetensorsReader),
+                          ("pytorch_model.bin.index.json", TorchReader)):
+        shards = _shards(os.path.join(path, index))
+        if shards:
+            return reader(shards)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.exists(os.path.join(path, name)):
             return open_checkpoint(os.path.join(path, name))
-    prefixes = sorted(f[: -len(".index")] for f in os.listdir(path) if f.endswith(".index"))
-    if prefixes:
-        return GoogleReader(os.path.join(path, prefixes[-1]))
+    prefix = _google_prefix(path)
+    if prefix:
+        return GoogleReader(prefix)
     raise FileNotFoundError(
         f"No weights in directory {path!r}: looked for model.safetensors, "
-        "model.safetensors.index.json, pytorch_model.bin and *.ckpt.index."
+        "model.safetensors.index.json, pytorch_model.bin(.index.json) and *.ckpt.index."
     )
+
+
+def _shards(index):
+    """The files a Hugging Face shard index (*.index.json) names, or None where there is none."""
+    if not os.path.exists(index):
+        return None
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"Cannot read the shard index {index!r}: {e!r}") from None
+    shards = [os.path.join(os.path.dirname(index), s) for s in sorted(set(weight_map.values()))]
+    for shard in shards:
+        _require_file(shard)
+    return shards
+
+
+def _google_prefix(directory):
+    """The checkpoint prefix a directory of Google checkpoints means: the one its `checkpoint`
+    state file names (as TensorFlow's own tools read it), else the only one, else the highest
+    step of one run (model.ckpt-200, model.ckpt-1000: by number, not by name)."""
+    prefixes = sorted(f[: -len(".index")] for f in os.listdir(directory) if f.endswith(".index"))
+    if not prefixes:
+        return None
+    latest = _state_file_prefix(directory)
+    if latest in prefixes:
+        return os.path.join(directory, latest)
+    steps = [re.fullmatch(r"(.*)-(\d+)", p) for p in prefixes]
+    if len(prefixes) > 1 and all(steps) and len({m.group(1) for m in steps}) == 1:
+        return os.path.join(directory, max(steps, key=lambda m: int(m.group(2))).group(0))
+    if len(prefixes) > 1:
+        raise CheckpointError(
+            f"Directory {directory!r} holds several checkpoints ({', '.join(prefixes)}) and no "
+            "`checkpoint` file naming the latest: pass the prefix of the one to load."
+        )
+    return os.path.join(directory, prefixes[0])
+
+
+def _state_file_prefix(directory):
+    """The basename of model_checkpoint_path in a TF `checkpoint` state file, if any."""
+    try:
+        with open(os.path.join(directory, "checkpoint"), encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    match = re.search(r'^model_checkpoint_path:\s*"([^"]*)"', text, re.MULTILINE)
+    return os.path.basename(match.group(1)) if match else None
 
 
 def _require_file(path):

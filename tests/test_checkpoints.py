@@ -1,6 +1,7 @@
 """Checkpoints: the real MiniLM against transformers' outputs, Google checkpoints written by an
 independent converter in this file, round trips of our writers, and every kind of bad checkpoint."""
 
+import json
 import re
 import sys
 import warnings
@@ -218,6 +219,60 @@ def test_tiny_checkpoint_and_safetensors_round_trip(tiny_config, tmp_path):
                                            **tiny_config)
         for a, b in zip(expected, reloaded.predict(inputs, verbose=0)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_directory_of_checkpoints_opens_the_latest(tiny_config, tmp_path):
+    early = tiny_google_variables(tiny_config, np.random.default_rng(0))
+    late = tiny_google_variables(tiny_config, np.random.default_rng(1))
+    write_tf_checkpoint(tmp_path / "model.ckpt-200", early)
+    write_tf_checkpoint(tmp_path / "model.ckpt-1000", late)  # before -200 by name, after by step
+    name = "bert/pooler/dense/kernel"
+    np.testing.assert_array_equal(open_checkpoint(tmp_path).read(name), late[name])
+    # TensorFlow's state file decides where there is one, even with another machine's paths in it.
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "/elsewhere/model.ckpt-200"\n'
+                                         'all_model_checkpoint_paths: "/elsewhere/model.ckpt-200"\n')
+    np.testing.assert_array_equal(open_checkpoint(tmp_path).read(name), early[name])
+
+
+def test_directory_of_unrelated_checkpoints_asks_for_a_prefix(tiny_config, tmp_path):
+    variables = tiny_google_variables(tiny_config, np.random.default_rng(0))
+    write_tf_checkpoint(tmp_path / "bert_model.ckpt", variables)
+    write_tf_checkpoint(tmp_path / "other.ckpt", variables)
+    with pytest.raises(CheckpointError, match="bert_model.ckpt, other.ckpt.*pass the prefix"):
+        open_checkpoint(tmp_path)
+
+
+def _write_shards(directory, tensors, index_name, save):
+    """tensors split over two files named by a Hugging Face shard index, as save_pretrained does."""
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002": names[::2], "model-00002-of-00002": names[1::2]}
+    suffix = ".safetensors" if index_name.startswith("model.safetensors") else ".bin"
+    weight_map = {}
+    for shard, shard_names in halves.items():
+        save({n: tensors[n] for n in shard_names}, str(directory / (shard + suffix)))
+        weight_map.update({n: shard + suffix for n in shard_names})
+    (directory / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("index_name", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_sharded_hugging_face_directory_loads_every_shard(tiny_config, tmp_path, index_name):
+    if index_name.startswith("model.safetensors"):
+        save = save_file
+    else:
+        torch = pytest.importorskip("torch")
+        def save(tensors, path):
+            torch.save({n: torch.from_numpy(v) for n, v in tensors.items()}, path)
+    model = build_transformer_model(with_mlm=True, **tiny_config)
+    save_weights_as_safetensors(model, tmp_path / "whole.safetensors")
+    _write_shards(tmp_path, load_file(tmp_path / "whole.safetensors"), index_name, save)
+    ids = np.array([[2, 7, 9, 11, 3, 0]], "int32")
+    inputs = [ids, np.zeros_like(ids)]
+    reloaded = build_transformer_model(checkpoint_path=tmp_path, with_mlm=True, **tiny_config)
+    np.testing.assert_array_equal(model.predict(inputs, verbose=0), reloaded.predict(inputs, verbose=0))
+    (tmp_path / "model-00002-of-00002.safetensors").unlink(missing_ok=True)
+    (tmp_path / "model-00002-of-00002.bin").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
+        open_checkpoint(tmp_path)
 
 
 # -- bad checkpoints --------------------------------------------------------------------------------
