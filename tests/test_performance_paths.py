@@ -4,6 +4,7 @@ transformers' outputs on the real MiniLM, bucketed padding, projections as singl
 Speed itself is measured by scripts/benchmark.py, never here."""
 
 import math
+import sys
 
 import keras
 import numpy as np
@@ -306,19 +307,24 @@ def test_rank_three_projections_trace_to_one_matmul_each():
 
 @pytest.fixture(scope="module")
 def benchmark():
-    import importlib.util
+    """scripts/benchmark.py's modules, imported as the script imports them (from scripts/)."""
+    import importlib
     import pathlib
+    import types
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-    spec = importlib.util.spec_from_file_location("bert4k_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    scripts = str(pathlib.Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        importlib.import_module("benchmark")  # the driver imports the other three
+        return types.SimpleNamespace(**{name: importlib.import_module("benchmark_" + name)
+                                        for name in ("plan", "workers", "report")})
+    finally:
+        sys.path.remove(scripts)
 
 
 def test_benchmark_flops_count_every_matmul(benchmark):
     """FLOPs per token against a count of the encoder's matmuls, one by one."""
-    c = benchmark.MODELS["base"]
+    c = benchmark.plan.MODELS["base"]
     layers, hidden, inner = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
     length = 128
     per_token = 0
@@ -328,21 +334,21 @@ def test_benchmark_flops_count_every_matmul(benchmark):
         per_token += 2 * length * hidden  # probabilities . v
         per_token += 2 * hidden * hidden  # output projection
         per_token += 2 * hidden * inner + 2 * inner * hidden  # feed-forward
-    assert benchmark.flops_per_token("base", length) == per_token
-    assert benchmark.flops_per_token("base", length, training=True) == 3 * per_token
+    assert benchmark.plan.flops_per_token("base", length) == per_token
+    assert benchmark.plan.flops_per_token("base", length, training=True) == 3 * per_token
 
 
 def test_benchmark_keeps_each_measurements_best_pass(benchmark):
     record = dict(kind="inference", variant="bert4k-tf-graph", model="minilm", batch=8, length=128)
     records = [dict(record, tokens_per_s=5.0), dict(record, tokens_per_s=7.0),
                dict(record, batch=1, tokens_per_s=3.0), dict(kind="peak", gflops=1.0)]
-    kept = benchmark.best_passes(records)
+    kept = benchmark.report.best_passes(records)
     assert sorted(r.get("tokens_per_s", 0) for r in kept) == [0, 3.0, 7.0]
 
 
 def test_benchmark_interleaved_measurement_calls_each_in_turn(benchmark):
     calls = []
-    results = benchmark.measure_interleaved(
+    results = benchmark.workers.measure_interleaved(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
         warmup=1, min_time=0.0, min_reps=3)
     assert calls == ["a", "b"] * 4  # the first (compiling) call of each, then 3 rounds
@@ -351,9 +357,9 @@ def test_benchmark_interleaved_measurement_calls_each_in_turn(benchmark):
 
 def test_benchmark_writes_only_its_readme_block(benchmark, tmp_path):
     readme = tmp_path / "README.md"
-    begin, end = benchmark.README_BEGIN, benchmark.README_END
+    begin, end = benchmark.report.README_BEGIN, benchmark.report.README_END
     readme.write_text(f"# x\n\nprose\n\n{begin}\nold\n{end}\n\nmore\n")
-    benchmark.write_readme(readme, "### Machine\n\n| a |\n\n### Goals\n")
+    benchmark.report.write_readme(readme, "### Machine\n\n| a |\n\n### Goals\n")
     text = readme.read_text()
     assert "old" not in text and "#### Machine" in text and "#### Goals" in text
     assert text.startswith(f"# x\n\nprose\n\n{begin}") and text.endswith(f"{end}\n\nmore\n")
