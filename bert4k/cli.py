@@ -30,6 +30,12 @@ def convert(args):
     else:
         transformer.save_weights_as_checkpoint(args.destination)
     print(f"wrote {args.destination}")
+    left_out = checkpoints.unread_variables(transformer, args.source)
+    if left_out:
+        # Heads are built only when asked for; say so rather than drop them unnoticed.
+        print(f"not converted: {len(left_out)} variables of {args.source} that this model has no "
+              f"layer for ({', '.join(left_out[:6])}{', ...' if len(left_out) > 6 else ''}); "
+              "--with-pool, --with-nsp and --with-mlm add the heads.", file=sys.stderr)
 
 
 def build_parser():

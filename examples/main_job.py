@@ -1,6 +1,6 @@
 """The main job: pretrain a small BERT on the bundled Chinese corpus, then measure what it buys.
 
-    python examples/main_job.py                 # 13 minutes on README's 2-core AVX2 VM
+    python examples/main_job.py                 # 11-13 minutes on README's 2-core AVX2 VM
     python examples/main_job.py --seeds 3       # a third run of each model: about 4 minutes more
 
 1. Pretraining data: the texts of the training reviews (data/sentiment.zip, labels left out)
@@ -20,6 +20,7 @@
    without pretraining, time, tokens/s, and where the model is.
 
 Rerunning with the same --output reuses the finished pretraining (an interrupted one resumes).
+Why these settings, with the measurements and the variants tried: examples/main_job.md.
 """
 
 import argparse

@@ -275,6 +275,43 @@ def test_sharded_hugging_face_directory_loads_every_shard(tiny_config, tmp_path,
         open_checkpoint(tmp_path)
 
 
+def test_convert_command_round_trips_and_names_the_heads_it_leaves_out(tiny_config, tmp_path, capsys):
+    from bert4k import cli
+
+    variables = tiny_google_variables(tiny_config, np.random.default_rng(0))
+    slots = {"bert/pooler/dense/kernel/adam_m": np.ones((32, 32), "float32"),
+             "global_step": np.array(7, "int64")}
+    write_tf_checkpoint(tmp_path / "bert_model.ckpt", {**variables, **slots})
+    config = tmp_path / "bert_config.json"
+    config.write_text(json.dumps(dict(
+        vocab_size=tiny_config["vocab_size"], hidden_size=tiny_config["hidden_size"],
+        num_hidden_layers=tiny_config["num_hidden_layers"], intermediate_size=tiny_config["intermediate_size"],
+        num_attention_heads=tiny_config["num_attention_heads"], hidden_act="gelu",
+        max_position_embeddings=tiny_config["max_position"], type_vocab_size=2)))
+
+    cli.main(["convert", str(tmp_path / "bert_model.ckpt"), str(tmp_path / "encoder.safetensors"),
+              "--config", str(config)])
+    message = capsys.readouterr().err
+    heads = sorted(n for n in variables if n.startswith(("cls/", "bert/pooler/")))
+    assert f"not converted: {len(heads)} variables" in message and heads[0] in message
+    assert "adam_m" not in message and "global_step" not in message
+    encoder = load_file(tmp_path / "encoder.safetensors")
+    for hf_name, value in encoder.items():
+        name, transposed = google_name(hf_name[len("bert."):])
+        np.testing.assert_array_equal(value, variables[name].T if transposed else variables[name])
+
+    heads_flags = ["--with-pool", "--with-nsp", "--with-mlm"]
+    cli.main(["convert", str(tmp_path / "bert_model.ckpt"), str(tmp_path / "hf" / "model.safetensors"),
+              "--config", str(config), *heads_flags])
+    cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "back" / "bert_model.ckpt"),
+              "--config", str(config), *heads_flags])
+    assert "not converted" not in capsys.readouterr().err
+    back = tf.train.load_checkpoint(str(tmp_path / "back" / "bert_model.ckpt"))
+    assert sorted(back.get_variable_to_shape_map()) == sorted(variables)
+    for name, value in variables.items():
+        np.testing.assert_array_equal(back.get_tensor(name), value)
+
+
 # -- bad checkpoints --------------------------------------------------------------------------------
 
 
