@@ -5,8 +5,8 @@ No Chinese checkpoint comes with the repository (MiniLM's English vocabulary hol
 characters), so by default the examples start from random weights: `configs/small_bert_config.json`
 (hidden 128, 2 layers, 4 heads) over `configs/char_vocab.txt`, a character vocabulary built from
 the bundled corpus by `build_char_vocab` (`python examples/common.py` rebuilds it). Give
-`--config --checkpoint --vocab` to start from a pretrained model instead, for example the output
-of the pretraining job (`runs/pretrain/bert_config.json`, `bert_model.ckpt`, `vocab.txt`).
+`--config --checkpoint --vocab` to start from a pretrained model instead, for example the main
+job's (`runs/main_job/model/bert_config.json`, `bert_model.ckpt`, `vocab.txt`).
 """
 
 import argparse

@@ -5,8 +5,8 @@ Data: the bundled corpus (data/sentiment.zip: hotel, book, laptop, ... reviews l
 softmax), trained with cross-entropy; reports accuracy on the valid and test splits.
 
     python examples/task_sentiment_classification.py
-    python examples/task_sentiment_classification.py --config runs/pretrain/bert_config.json \
-        --checkpoint runs/pretrain/bert_model.ckpt --vocab runs/pretrain/vocab.txt
+    python examples/task_sentiment_classification.py --config runs/main_job/model/bert_config.json \
+        --checkpoint runs/main_job/model/bert_model.ckpt --vocab runs/main_job/model/vocab.txt
 
 Result at the default settings (random init, small config: hidden 128, 2 layers; maxlen 64,
 batch 32, learning rate 1e-3, 2 epochs over the full training split): test accuracy 0.853
