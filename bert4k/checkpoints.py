@@ -811,6 +811,8 @@ def _normalize_hf_names(shapes, spec):
 def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invalid_weights=False,
                  adapt=None):
     """Assign every model weight from the checkpoint, by name; report all problems at once.
+    Returns the checkpoint's variables left unread (optimizer slots and the like aside): those of
+    heads the model was built without, for one.
 
     `adapt` maps some of our weight paths to steps applied after the table's (e.g. a Vocabulary
     for keep_tokens).
@@ -827,13 +829,7 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
     values = [to_model(reader.read(name), transform) for _, name, transform in match.assignments]
     for (variable, _, _), value in zip(match.assignments, values):
         variable.assign(np.asarray(value, dtype=variable.dtype))
-
-
-def unread_variables(model, checkpoint_path, family="bert", prefix=""):
-    """The checkpoint's variables that loading it into `model` leaves unread, optimizer slots and
-    the like aside: the heads of a model built without them, for one."""
-    model, family, prefix = _unwrap(model, family, prefix)
-    return _match(model, open_checkpoint(checkpoint_path), family, prefix).unread
+    return match.unread
 
 
 class _Match:

@@ -23,14 +23,14 @@ def convert(args):
     from bert4k.models import build_transformer_model
 
     heads = dict(with_nsp=args.with_nsp, with_mlm=args.with_mlm, with_pool=args.with_pool)
-    transformer = build_transformer_model(args.config, args.source, model=args.model,
-                                          return_keras_model=False, **heads)
+    transformer = build_transformer_model(args.config, model=args.model, return_keras_model=False,
+                                          **heads)
+    left_out = transformer.load_weights_from_checkpoint(args.source)
     if args.destination.endswith(".safetensors"):
         checkpoints.save_weights_as_safetensors(transformer, args.destination)
     else:
         transformer.save_weights_as_checkpoint(args.destination)
     print(f"wrote {args.destination}")
-    left_out = checkpoints.unread_variables(transformer, args.source)
     if left_out:
         # Heads are built only when asked for; say so rather than drop them unnoticed.
         print(f"not converted: {len(left_out)} variables of {args.source} that this model has no "

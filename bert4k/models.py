@@ -342,7 +342,8 @@ class Transformer:
         return list(seen.values())
 
     def load_weights_from_checkpoint(self, checkpoint_path):
-        checkpoints.load_weights(self, checkpoint_path, self.family, prefix=self.prefix,
+        """Returns the checkpoint's variables left unread (see checkpoints.load_weights)."""
+        return checkpoints.load_weights(self, checkpoint_path, self.family, prefix=self.prefix,
                                  ignore_invalid_weights=self.ignore_invalid_weights,
                                  adapt=self.checkpoint_adaptations())
 
