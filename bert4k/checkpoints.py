@@ -818,30 +818,6 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
     for keep_tokens).
     """
     reader = open_checkpoint(checkpoint_path)
-    match = _match(model, reader, family, prefix, adapt)
-    problems = _report(reader, family, match.missing, match.unexpected, match.mismatched,
-                       bool(match.assignments))
-    if problems and not ignore_invalid_weights:
-        raise CheckpointError(problems)
-    if problems:
-        warnings.warn(problems + "\nThose weights keep their initial values.", stacklevel=2)
-    # Read everything before assigning anything: a corrupt file leaves the model untouched.
-    values = [to_model(reader.read(name), transform) for _, name, transform in match.assignments]
-    for (variable, _, _), value in zip(match.assignments, values):
-        variable.assign(np.asarray(value, dtype=variable.dtype))
-    return match.unread
-
-
-class _Match:
-    """Our weights against a checkpoint's variables: assignments (variable, stored name,
-    transform); missing, mismatched and unexpected (problems, as lines of the report); unread
-    (stored names that no weight of this model reads, problems or not)."""
-
-    def __init__(self):
-        self.assignments, self.missing, self.mismatched, self.unexpected, self.unread = [], [], [], [], []
-
-
-def _match(model, reader, family, prefix, adapt=None):
     mapping = Mapping(family, reader.layout)
     if reader.layout == "huggingface":
         names = _normalize_hf_names(reader.shapes, FAMILIES[family])
@@ -854,7 +830,7 @@ def _match(model, reader, family, prefix, adapt=None):
             ignored = re.compile(f"{IGNORED_GOOGLE.pattern}|{other}")
     weights = {_strip(w.path, prefix): w for w in model.weights}
 
-    result = _Match()
+    assignments, missing, mismatched, unexpected, unread = [], [], [], [], []
     for path, variable in weights.items():
         found = mapping.checkpoint_name(path)
         if found is None and EXTENSION_WEIGHTS.search(path):
@@ -862,22 +838,22 @@ def _match(model, reader, family, prefix, adapt=None):
                 continue  # keeps its initial value
             found = (EXTENSION_PREFIX + path, None)
         if found is None:
-            result.missing.append(f"  {path} {tuple(variable.shape)}: not in the {family!r} mapping table")
+            missing.append(f"  {path} {tuple(variable.shape)}: not in the {family!r} mapping table")
             continue
         name, transform = found
         transform = tuple(transform or ()) + tuple((adapt or {}).get(path, ()))
         if name not in names:
-            result.missing.append(f"  {name} (for {path}, shape {tuple(variable.shape)})")
+            missing.append(f"  {name} (for {path}, shape {tuple(variable.shape)})")
             continue
         stored = reader.shapes[names[name]]
         expected = tuple(variable.shape)
         if model_shape(stored, transform) != expected:
-            result.mismatched.append(
+            mismatched.append(
                 f"  {name}: checkpoint shape {stored} gives {model_shape(stored, transform)}, "
                 f"model {path} needs {expected}"
             )
             continue
-        result.assignments.append((variable, names[name], transform))
+        assignments.append((variable, names[name], transform))
 
     for canonical, stored_name in sorted(names.items()):
         if ignored.search(canonical):
@@ -886,10 +862,20 @@ def _match(model, reader, family, prefix, adapt=None):
         if canonical.startswith(EXTENSION_PREFIX):
             found = (canonical[len(EXTENSION_PREFIX):], True)
         if found is None or found[0] not in weights:
-            result.unread.append(stored_name)
+            unread.append(stored_name)
             if found is None or found[1]:  # undeclared, or a block the model lacks
-                result.unexpected.append(f"  {stored_name} {reader.shapes[stored_name]}")
-    return result
+                unexpected.append(f"  {stored_name} {reader.shapes[stored_name]}")
+
+    problems = _report(reader, family, missing, unexpected, mismatched, bool(assignments))
+    if problems and not ignore_invalid_weights:
+        raise CheckpointError(problems)
+    if problems:
+        warnings.warn(problems + "\nThose weights keep their initial values.", stacklevel=2)
+    # Read everything before assigning anything: a corrupt file leaves the model untouched.
+    values = [to_model(reader.read(name), transform) for _, name, transform in assignments]
+    for (variable, _, _), value in zip(assignments, values):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+    return unread
 
 
 def _strip(path, prefix):
