@@ -743,6 +743,18 @@ class Mapping:
             if layout == "huggingface":
                 name, steps = spec.hf_rule(original, steps)
             self.rows.append((_pattern(ours), _pattern(name), ours, name, steps))
+        self.separator = "." if layout == "huggingface" else "/"
+        self.scopes = [_pattern(self._scope(row[3])) for row in self.rows]
+
+    def _scope(self, name):
+        return self.separator.join(name.split(self.separator)[:2])
+
+    def in_scope(self, checkpoint_name):
+        """Whether a name lies where the family's own variables do (`bert/encoder`,
+        `cls/predictions`, ...), as opposed to a task head fine-tuning added beside them
+        (`output_weights`, `classifier.weight`, `cls/squad/...`)."""
+        scope = self._scope(checkpoint_name)
+        return any(pattern.fullmatch(scope) for pattern in self.scopes)
 
     def checkpoint_name(self, weight_path):
         """(checkpoint name, transform) for one of our weight paths, or None if undeclared."""
@@ -812,7 +824,8 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
                  adapt=None):
     """Assign every model weight from the checkpoint, by name; report all problems at once.
     Returns the checkpoint's variables left unread (optimizer slots and the like aside): those of
-    heads the model was built without, for one.
+    heads the model was built without, and task heads of a fine-tuned checkpoint (Google's
+    `output_weights`, transformers' `classifier.*`), which bert4k has no table for.
 
     `adapt` maps some of our weight paths to steps applied after the table's (e.g. a Vocabulary
     for keep_tokens).
@@ -863,7 +876,12 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
             found = (canonical[len(EXTENSION_PREFIX):], True)
         if found is None or found[0] not in weights:
             unread.append(stored_name)
-            if found is None or found[1]:  # undeclared, or a block the model lacks
+            # Task heads outside the family's scopes stay unread without complaint, as heads not
+            # built do; an undeclared name among the family's own, or a block beyond the model's
+            # depth, means the checkpoint is not this model.
+            undeclared = found is None and mapping.in_scope(canonical)
+            extra_block = found is not None and found[1]
+            if undeclared or extra_block:
                 unexpected.append(f"  {stored_name} {reader.shapes[stored_name]}")
 
     problems = _report(reader, family, missing, unexpected, mismatched, bool(assignments))

@@ -77,13 +77,17 @@ def _roformer(config, arguments, source):
         raise ValueError(f"{source}: rotary_value=true (rotating the values too) is not supported.")
 
 
-# Hugging Face model_type -> translation of its config keys that differ from BERT's.
-MODEL_TYPE_TRANSLATIONS = {"roberta": _roberta, "albert": _albert, "roformer": _roformer}
+# Hugging Face model_type -> translation of its config keys that differ from BERT's. XLM-R and
+# CamemBERT are RoBERTa's network with other vocabularies.
+MODEL_TYPE_TRANSLATIONS = {"roberta": _roberta, "xlm-roberta": _roberta, "camembert": _roberta,
+                           "albert": _albert, "roformer": _roformer}
 
 # Hugging Face model_type -> the bert4k model names that can read such a checkpoint.
 COMPATIBLE_MODEL_TYPES = {
     "bert": {"bert", "roberta", "nezha"},
     "roberta": {"roberta", "bert"},
+    "xlm-roberta": {"roberta", "bert"},
+    "camembert": {"roberta", "bert"},
     "albert": {"albert", "albert_unshared"},
     "electra": {"electra"},
     "roformer": {"roformer", "roformer_v2"},

@@ -1,5 +1,6 @@
-"""Reference outputs of tiny random encoder models (RoBERTa, ALBERT, ELECTRA discriminator and
-generator, RoFormer) computed by Hugging Face transformers, for tests/test_zoo_encoders.py.
+"""Reference outputs of tiny random encoder models (RoBERTa, XLM-RoBERTa, ALBERT, ELECTRA
+discriminator and generator, RoFormer) computed by Hugging Face transformers, for
+tests/test_zoo_encoders.py.
 
 Each family gets tests/fixtures/zoo/<family>/ with the model.safetensors and config.json that
 transformers' save_pretrained writes, and expected.npz: the fixed inputs (with padding) and the
@@ -108,6 +109,21 @@ def make_roberta():
         sequence_output=numpy(out.hidden_states[-1]), mlm_logits=numpy(out.logits)))
 
 
+def make_xlm_roberta():
+    # XLM-R: RoBERTa's network; its config.json says model_type 'xlm-roberta', which must get
+    # RoBERTa's position offset too.
+    config = transformers.XLMRobertaConfig(**dict(TINY, type_vocab_size=1,
+                                                  max_position_embeddings=66),
+                                           pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    model = randomise(transformers.XLMRobertaForMaskedLM(config), seed=6).eval()
+    ids, segments = inputs(pad_id=1)
+    segments[:] = 0
+    out = run(model, ids, segments, pad_id=1)
+    save("xlm_roberta", model, config, dict(
+        token_ids=ids, segment_ids=segments,
+        sequence_output=numpy(out.hidden_states[-1]), mlm_logits=numpy(out.logits)))
+
+
 def make_albert():
     config = transformers.AlbertConfig(**TINY, embedding_size=16, num_hidden_groups=1,
                                        inner_group_num=1, classifier_dropout_prob=0.0)
@@ -157,6 +173,7 @@ def make_roformer():
 
 MAKERS = {
     "roberta": make_roberta,
+    "xlm_roberta": make_xlm_roberta,
     "albert": make_albert,
     "electra": make_electra,
     "electra_generator": make_electra_generator,

@@ -207,6 +207,44 @@ def test_google_heads_load_with_nsp_not_transposed(tiny_config, tmp_path):
                                   variables["cls/predictions/output_bias"])
 
 
+def test_fine_tuned_checkpoints_load_and_leave_their_task_heads_unread(tiny_config, tmp_path):
+    """run_classifier.py and run_squad.py save their heads beside BERT's variables, and
+    transformers' *ForSequenceClassification and *ForQuestionAnswering beside 'bert.': the encoder
+    loads, the heads come back as unread; an unknown variable among BERT's own is still an error."""
+    h = tiny_config["hidden_size"]
+    rng = np.random.default_rng(0)
+    variables = tiny_google_variables(tiny_config, rng)
+    google_heads = {"output_weights": rng.normal(size=(3, h)).astype("float32"),
+                    "output_bias": np.zeros(3, "float32"),
+                    "cls/squad/output_weights": rng.normal(size=(2, h)).astype("float32"),
+                    "cls/squad/output_bias": np.zeros(2, "float32")}
+    write_tf_checkpoint(tmp_path / "classifier.ckpt", {**variables, **google_heads})
+    bert = build_transformer_model(return_keras_model=False, with_pool=True, **tiny_config)
+    unread = bert.load_weights_from_checkpoint(tmp_path / "classifier.ckpt")
+    assert set(google_heads) <= set(unread)
+    ff = bert.model.get_layer("Transformer-1-FeedForward")
+    np.testing.assert_array_equal(ff.o_dense.kernel.numpy(),
+                                  variables["bert/encoder/layer_1/output/dense/kernel"])
+
+    save_weights_as_safetensors(bert.model, tmp_path / "encoder.safetensors")
+    hf_heads = {"classifier.weight": np.ones((3, h), "float32"),
+                "qa_outputs.bias": np.ones(2, "float32")}
+    save_file({**load_file(tmp_path / "encoder.safetensors"), **hf_heads},
+              tmp_path / "classifier.safetensors")
+    reloaded = build_transformer_model(return_keras_model=False, with_pool=True, **tiny_config)
+    assert set(reloaded.load_weights_from_checkpoint(tmp_path / "classifier.safetensors")) \
+        >= set(hf_heads)
+    np.testing.assert_array_equal(reloaded.model.get_layer("Pooler-Dense").kernel.numpy(),
+                                  variables["bert/pooler/dense/kernel"])
+
+    variables["bert/encoder/layer_0/attention/self/relative_positions"] = np.ones(4, "float32")
+    write_tf_checkpoint(tmp_path / "variant.ckpt", variables)
+    with pytest.raises(CheckpointError, match="1 in the checkpoint but not in the model:\n"
+                                              ".*relative_positions"):
+        build_transformer_model(checkpoint_path=tmp_path / "variant.ckpt", with_pool=True,
+                                **tiny_config)
+
+
 def test_tiny_checkpoint_and_safetensors_round_trip(tiny_config, tmp_path):
     model = build_transformer_model(with_nsp=True, with_mlm=True, **tiny_config)
     ids = np.array([[2, 7, 9, 11, 3, 0]], "int32")

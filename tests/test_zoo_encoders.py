@@ -114,6 +114,9 @@ HF_TO_ORIGINAL = {
     ] + MLM_BERT,
 }
 
+# XLM-R's release is fairseq's; bert4keras users convert it to RoBERTa's BERT-named checkpoint.
+HF_TO_ORIGINAL["xlm_roberta"] = HF_TO_ORIGINAL["roberta"]
+
 # Variables of the other ELECTRA model kept in the same release checkpoint: they must be ignored.
 OTHER_ELECTRA_MODEL = {
     "electra": ["generator/encoder/layer_0/attention/self/query/kernel",
@@ -163,6 +166,9 @@ def write_original_checkpoint(family, prefix):
 HF_FAMILIES = {
     "roberta": ("roberta", dict(with_mlm="linear"),
                 {"sequence_output": ("input", "MLM-Dense"), "mlm_logits": ("output", 0)}),
+    # config.json says model_type 'xlm-roberta': read as RoBERTa, position offset included.
+    "xlm_roberta": ("roberta", dict(with_mlm="linear"),
+                    {"sequence_output": ("input", "MLM-Dense"), "mlm_logits": ("output", 0)}),
     "albert": ("albert", dict(with_nsp=True, with_mlm="linear"),
                {"sequence_output": ("input", "MLM-Dense"),
                 "pooled_output": ("layer", "Pooler-Dense"),
@@ -199,7 +205,7 @@ def run_probe(model, spec, reference):
 def compare_with_reference(family, ours, reference):
     """Max abs diff per output, on real (non-padding) tokens; HF gives logits where our heads
     give probabilities (SOP)."""
-    pad = 1 if family == "roberta" else 0
+    pad = 1 if family in ("roberta", "xlm_roberta") else 0
     real = reference["token_ids"] != pad
     diffs = {}
     for key, value in ours.items():
