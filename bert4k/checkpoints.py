@@ -257,6 +257,36 @@ def gpt_hf_name(original, steps):
     return name.replace("/", "."), steps
 
 
+# GPT2-ML in its release's names (Grover's code: dense kernels [in, out], like ours).
+GPT2_ML_TABLE = [
+    ("Embedding-Token/embeddings", "newslm/embeddings/word_embed", None),
+    ("Embedding-Position/embeddings", "newslm/embeddings/pos_embed", None),
+    ("Embedding-Norm/gamma", "newslm/embeddings/LayerNorm_embed_norm/gamma", None),
+    ("Embedding-Norm/beta", "newslm/embeddings/LayerNorm_embed_norm/beta", None),
+]
+for ours, original in [
+    ("MultiHeadSelfAttention/q_dense", "query_layer"),
+    ("MultiHeadSelfAttention/k_dense", "key_layer"),
+    ("MultiHeadSelfAttention/v_dense", "value_layer"),
+    ("MultiHeadSelfAttention/o_dense", "context_projection_layer"),
+    ("FeedForward/i0_dense", "intermediate"),
+    ("FeedForward/o_dense", "output"),
+]:
+    GPT2_ML_TABLE += [(f"Transformer-{{i}}-{ours}/{weight}",
+                       f"newslm/layer{{i:02d}}/{original}/{weight}", None)
+                      for weight in ("kernel", "bias")]
+for ours, original in [("FeedForward-Norm-0", "LayerNorm_mlp_ln0"),
+                       ("FeedForward-Norm-1", "LayerNorm_mlp_ln1")]:
+    GPT2_ML_TABLE += [(f"Transformer-{{i}}-{ours}/{weight}",
+                       f"newslm/layer{{i:02d}}/{original}/{weight}", None)
+                      for weight in ("gamma", "beta")]
+
+
+def release_names_hf_rule(original, steps):
+    """For families transformers lacks: safetensors files keep the release's names, dotted."""
+    return original.replace("/", "."), steps
+
+
 def _t5_table(gated):
     """T5 in the Mesh TensorFlow release names. Its kernels are [in, out] like ours; its relative
     attention biases are [heads, buckets]."""
@@ -341,6 +371,7 @@ FAMILIES = {
                   hf_ignored=r"(\.attn\.bias$|^lm_head\.weight$|position_ids$)"),
     "gpt2": Family(GPT2_TABLE, gpt2_hf_name, "transformer.", hf_heads=("lm_head.",),
                    hf_ignored=r"(\.attn\.(bias|masked_bias)$|^lm_head\.weight$)"),
+    "gpt2_ml": Family(GPT2_ML_TABLE, release_names_hf_rule, "newslm."),
 }
 
 # ---------------------------------------------------------------------------------------------------

@@ -606,14 +606,16 @@ class GPT(Transformer):
                             name=self.prefix + "Input-Token")]
 
     def apply_embeddings(self, inputs):
-        x = self.apply(inputs[0], L.Embedding, input_dim=self.vocab_size,
+        return self.apply(self.embed_tokens_and_positions(inputs[0]), keras.layers.Dropout,
+                          rate=self.dropout_rate, name="Embedding-Dropout")
+
+    def embed_tokens_and_positions(self, token_ids):
+        x = self.apply(token_ids, L.Embedding, input_dim=self.vocab_size,
                        output_dim=self.hidden_size, embeddings_initializer=self.initializer,
                        name="Embedding-Token")
-        x = self.apply(x, L.PositionEmbedding, input_dim=self.max_position,
-                       output_dim=self.hidden_size, embeddings_initializer=self.initializer,
-                       name="Embedding-Position")
-        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
-                          name="Embedding-Dropout")
+        return self.apply(x, L.PositionEmbedding, input_dim=self.max_position,
+                          output_dim=self.hidden_size, embeddings_initializer=self.initializer,
+                          name="Embedding-Position")
 
     def apply_final_layers(self, x):
         return self.apply_lm(x)
@@ -637,6 +639,37 @@ class GPT2(GPT):
         x = self.apply_norm(x, "Output-Norm")
         x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Output-Dropout")
         return self.apply_lm(x)
+
+
+class GPT2_ML(GPT):
+    """GPT2-ML (imcaspar/gpt2-ml, on Grover's code; its 1.5B Chinese model): GPT with a
+    LayerNorm after the embeddings and its own block: the attention's sum is not normalised;
+    the feed-forward normalises its input and normalises its sum again.
+    Read from the release's `newslm/...` checkpoint names."""
+
+    family = "gpt2_ml"
+
+    def __init__(self, hidden_act="gelu", **kwargs):  # its config.json's; GPT's is the tanh one
+        super().__init__(hidden_act=hidden_act, **kwargs)
+
+    def apply_embeddings(self, inputs):
+        x = self.apply_norm(self.embed_tokens_and_positions(inputs[0]), "Embedding-Norm")
+        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
+                          name="Embedding-Dropout")
+
+    def apply_main_layers(self, x, index):
+        block = self.block_name(index)
+        name = f"{block}-MultiHeadSelfAttention"
+        h = self.apply([x, x, x], L.MultiHeadAttention, self.attention_arguments(index),
+                       name=name, **self.attention_settings())
+        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
+        x = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
+        name = f"{block}-FeedForward"
+        h = self.apply_norm(x, f"{name}-Norm-0")
+        h = self.apply(h, L.FeedForward, name=name, **self.feed_forward_settings())
+        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
+        x = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
+        return self.apply_norm(x, f"{name}-Norm-1")
 
 
 class T5Base(Transformer):
@@ -819,7 +852,7 @@ MODELS = {"bert": BERT, "gpt": GPT, "gpt2": GPT2, "t5": T5, "t5.1.0": T5, "t5.1.
           "mt5.1.1": T5_1_1, "t5_encoder": T5Encoder, "t5_decoder": T5Decoder}
 MODELS.update({
     "roberta": RoBERTa, "albert": ALBERT, "albert_unshared": ALBERT_Unshared, "nezha": NEZHA,
-    "roformer": RoFormer, "roformer_v2": RoFormerV2, "electra": ELECTRA,
+    "roformer": RoFormer, "roformer_v2": RoFormerV2, "electra": ELECTRA, "gpt2_ml": GPT2_ML,
 })
 
 

@@ -11,14 +11,14 @@ from bert4k.models import build_transformer_model
 END = 3
 CONFIG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, max_position=64)
-CASES = [("gpt2", "lm"), ("bert", "lm"), ("bert", "unilm"), ("nezha", "unilm")]
+CASES = [("gpt2", "lm"), ("gpt2_ml", "lm"), ("bert", "lm"), ("bert", "unilm"), ("nezha", "unilm")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
 def transformer(request):
     model, application = request.param
     keras.utils.set_random_seed(7)
-    extra = dict(with_mlm=True) if model != "gpt2" else {}
+    extra = dict(with_mlm=True) if model not in ("gpt2", "gpt2_ml") else {}
     return build_transformer_model(model=model, application=application,
                                    return_keras_model=False, **CONFIG, **extra)
 
@@ -48,10 +48,14 @@ def prompts(count, seed=0):
     return [list(rng.integers(4, 40, size=rng.integers(2, 7))) for _ in range(count)]
 
 
+def tokens_only(transformer):
+    return len(transformer.model.inputs) == 1
+
+
 def full_inputs(transformer, rows, segment_rows=None):
     """Padded model inputs; UniLM's padding is target (segment 1): seen by nothing before it."""
     ids = padded(rows)
-    if transformer.family == "gpt2":
+    if tokens_only(transformer):
         return ids
     if segment_rows is None:
         segment_rows = [[0] * len(row) for row in rows]
@@ -77,7 +81,7 @@ class Uncached(AutoRegressiveDecoder):
     def predict(self, inputs, output_ids, states):
         token_ids = np.concatenate([inputs[0], output_ids], axis=1)
         lengths = [token_ids.shape[1]] * len(token_ids)
-        if self.t.family == "gpt2":
+        if tokens_only(self.t):
             return at_last_tokens(self.t.model, padded(token_ids), lengths)
         segment_ids = np.concatenate(
             [inputs[1], np.full_like(output_ids, int(self.t.application == "unilm"))], axis=1)
@@ -85,7 +89,7 @@ class Uncached(AutoRegressiveDecoder):
 
 
 def example(transformer, prompt):
-    return [prompt] if transformer.family == "gpt2" else [prompt, [0] * len(prompt)]
+    return [prompt] if tokens_only(transformer) else [prompt, [0] * len(prompt)]
 
 
 def assert_steps_match_full_recomputation(transformer, cache, batch, steps):

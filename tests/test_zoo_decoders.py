@@ -2,6 +2,8 @@
 scripts/make_zoo_decoder_reference.py, loaded from their safetensors and from checkpoints in the
 original release names (written here by an independent mapping)."""
 
+import json
+import math
 import re
 
 import keras
@@ -10,7 +12,7 @@ import pytest
 import tensorflow as tf
 from safetensors.numpy import load_file, save_file
 
-from bert4k.checkpoints import save_weights_as_checkpoint
+from bert4k.checkpoints import save_weights_as_checkpoint, save_weights_as_safetensors
 from bert4k.models import build_transformer_model
 from conftest import FIXTURES
 
@@ -229,3 +231,99 @@ def test_gpt_round_trips(tmp_path):
     reloaded = build_transformer_model(checkpoint_path=tmp_path / "ckpt" / "model.ckpt",
                                        model="gpt", **config)
     np.testing.assert_array_equal(reloaded.predict(ids, verbose=0), expected)
+
+
+# -- GPT2-ML ---------------------------------------------------------------------------------------
+
+GPT2_ML_CONFIG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64, hidden_act="gelu",
+                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                      initializer_range=0.014)  # the keys of gpt2-ml's mega.json
+
+
+def gpt2_ml_release(rng, config):
+    """Random weights in gpt2-ml's checkpoint names (Grover's modeling.py scopes)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    shapes = {"newslm/embeddings/word_embed": (config["vocab_size"], h),
+              "newslm/embeddings/pos_embed": (config["max_position_embeddings"], h)}
+    norms = ["newslm/embeddings/LayerNorm_embed_norm"]
+    for n in range(config["num_hidden_layers"]):
+        scope = f"newslm/layer{n:02d}"
+        for dense in ("query_layer", "key_layer", "value_layer", "context_projection_layer"):
+            shapes.update({f"{scope}/{dense}/kernel": (h, h), f"{scope}/{dense}/bias": (h,)})
+        shapes.update({f"{scope}/intermediate/kernel": (h, i), f"{scope}/intermediate/bias": (i,),
+                       f"{scope}/output/kernel": (i, h), f"{scope}/output/bias": (h,)})
+        norms += [f"{scope}/LayerNorm_mlp_ln0", f"{scope}/LayerNorm_mlp_ln1"]
+    weights = {name: rng.normal(0, 0.3, shape) for name, shape in shapes.items()}
+    for norm in norms:
+        weights[f"{norm}/gamma"] = 1 + rng.normal(0, 0.3, h)
+        weights[f"{norm}/beta"] = rng.normal(0, 0.3, h)
+    return {name: value.astype("float32") for name, value in weights.items()}
+
+
+def numpy_gpt2_ml(w, ids, heads, layers):
+    """Grover's forward pass as gpt2-ml runs it: LN(tokens + positions); each layer
+    x = x + attention(x), x = LN1(x + mlp(LN0(x))); next-token probabilities from the tied
+    token table. LayerNorm epsilon 1e-5, erf GELU."""
+    def norm(x, scope):
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        return x * w[f"{scope}/gamma"] + w[f"{scope}/beta"]
+
+    def dense(x, scope):
+        return x @ w[f"{scope}/kernel"] + w[f"{scope}/bias"]
+
+    def split(x):  # [batch, length, hidden] -> [batch, heads, length, size]
+        return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3)
+
+    length = ids.shape[1]
+    x = w["newslm/embeddings/word_embed"][ids] + w["newslm/embeddings/pos_embed"][:length]
+    x = norm(x, "newslm/embeddings/LayerNorm_embed_norm")
+    future = np.triu(np.ones((length, length), bool), 1)
+    for n in range(layers):
+        scope = f"newslm/layer{n:02d}"
+        q, k, v = (split(dense(x, f"{scope}/{part}_layer")) for part in ("query", "key", "value"))
+        scores = np.where(future, -np.inf, q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]))
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        context = (scores / scores.sum(-1, keepdims=True)) @ v
+        context = context.transpose(0, 2, 1, 3).reshape(x.shape)
+        x = x + dense(context, f"{scope}/context_projection_layer")
+        h = dense(norm(x, f"{scope}/LayerNorm_mlp_ln0"), f"{scope}/intermediate")
+        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        x = norm(x + dense(h, f"{scope}/output"), f"{scope}/LayerNorm_mlp_ln1")
+    logits = x @ w["newslm/embeddings/word_embed"].T
+    logits = np.exp(logits - logits.max(-1, keepdims=True))
+    return logits / logits.sum(-1, keepdims=True)
+
+
+def test_gpt2_ml_matches_numpy_grover_from_its_release_names(tmp_path):
+    weights = gpt2_ml_release(np.random.default_rng(0), GPT2_ML_CONFIG)
+    weights["global_step"] = np.array(100000, np.int64)  # as in model.ckpt-100000
+    write_tf_checkpoint(tmp_path / "model.ckpt-100000", weights)
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_ML_CONFIG))
+    model = build_transformer_model(tmp_path / "config.json", tmp_path / "model.ckpt-100000",
+                                    model="gpt2_ml")
+    ids = np.random.default_rng(1).integers(1, 100, size=(2, 12))
+    expected = numpy_gpt2_ml(weights, ids, heads=4, layers=2)
+    assert np.abs(model.predict(ids, verbose=0) - expected).max() <= 1e-5
+    # A directory holding the run's checkpoint, as bert4keras users point at it.
+    np.testing.assert_allclose(
+        build_transformer_model(tmp_path / "config.json", tmp_path, model="gpt2_ml")
+        .predict(ids, verbose=0), expected, atol=1e-5)
+
+
+def test_gpt2_ml_round_trips(tmp_path):
+    gpt = build_transformer_model(model="gpt2_ml", return_keras_model=False, vocab_size=100,
+                                  hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position=64)
+    ids = np.array([[5, 6, 7, 8]])
+    expected = gpt.model.predict(ids, verbose=0)
+    gpt.model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(ids, verbose=0), expected)
+    save_weights_as_checkpoint(gpt, tmp_path / "ckpt" / "model.ckpt")
+    save_weights_as_safetensors(gpt, tmp_path / "st" / "model.safetensors")  # release names
+    for path in (tmp_path / "ckpt" / "model.ckpt", tmp_path / "st"):
+        reloaded = build_transformer_model(checkpoint_path=path, model="gpt2_ml", vocab_size=100,
+                                           hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position=64)
+        np.testing.assert_array_equal(reloaded.predict(ids, verbose=0), expected)
