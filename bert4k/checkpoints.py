@@ -796,13 +796,14 @@ class Mapping:
         return None
 
     def weight_path(self, checkpoint_name):
-        """(our weight path, whether it is per-block) for a checkpoint name, or None. A name
-        without a block index that feeds every block (ALBERT read unshared) gives block 0's."""
+        """(our weight path, the same weight's path in block 0 or None if not per-block) for a
+        checkpoint name, or None. A name without a block index that feeds every block (ALBERT
+        read unshared) gives block 0's."""
         for _, name_re, ours, name, _ in self.rows:
             match = name_re.fullmatch(checkpoint_name)
             if match:
-                per_block = INDEX.search(ours) is not None
-                return _fill(ours, match.groupdict().get("i") or "0"), per_block
+                first_block = _fill(ours, "0") if INDEX.search(ours) else None
+                return _fill(ours, match.groupdict().get("i") or "0"), first_block
         return None
 
 
@@ -903,16 +904,18 @@ def load_weights(model, checkpoint_path, family="bert", prefix="", ignore_invali
         if ignored.search(canonical):
             continue
         found = mapping.weight_path(canonical)
-        if canonical.startswith(EXTENSION_PREFIX):
-            found = (canonical[len(EXTENSION_PREFIX):], True)
+        extension = canonical.startswith(EXTENSION_PREFIX)
+        if extension:
+            found = (canonical[len(EXTENSION_PREFIX):], None)
         if found is None or found[0] not in weights:
             unread.append(stored_name)
-            # Task heads outside the family's scopes stay unread without complaint, as heads not
-            # built do; an undeclared name among the family's own, or a block beyond the model's
-            # depth, means the checkpoint is not this model.
+            # Heads and stacks the model was built without (T5's decoder for its encoder) and
+            # task heads outside the family's scopes stay unread without complaint; an undeclared
+            # name among the family's own, a block beyond the model's depth, or a bert4k
+            # extension the model lacks means the checkpoint is not this model.
             undeclared = found is None and mapping.in_scope(canonical)
-            extra_block = found is not None and found[1]
-            if undeclared or extra_block:
+            extra_block = found is not None and found[1] in weights
+            if undeclared or extra_block or extension:
                 unexpected.append(f"  {stored_name} {reader.shapes[stored_name]}")
 
     problems = _report(reader, family, missing, unexpected, mismatched, bool(assignments))

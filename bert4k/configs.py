@@ -93,8 +93,11 @@ COMPATIBLE_MODEL_TYPES = {
     "roformer": {"roformer", "roformer_v2"},
     "gpt2": {"gpt2"},
     "openai-gpt": {"gpt"},
-    "t5": {"t5", "t5.1.0", "t5.1.1", "mt5.1.1", "t5_encoder", "t5_decoder"},
-    "mt5": {"mt5.1.1", "t5.1.1", "t5_encoder", "t5_decoder"},
+    "t5": {"t5", "t5.1.0", "t5.1.1", "mt5.1.1", "t5_encoder", "t5_decoder", "t5.1.0_encoder",
+           "t5.1.0_decoder", "t5.1.1_encoder", "t5.1.1_decoder", "mt5.1.1_encoder",
+           "mt5.1.1_decoder"},
+    "mt5": {"mt5.1.1", "t5.1.1", "t5_encoder", "t5_decoder", "t5.1.1_encoder", "t5.1.1_decoder",
+            "mt5.1.1_encoder", "mt5.1.1_decoder"},
 }
 
 

@@ -848,8 +848,21 @@ class T5_1_1(T5):
     default_version = "t5.1.1"
 
 
+class T5_1_1_Encoder(T5Encoder):
+    default_version = "t5.1.1"
+
+
+class T5_1_1_Decoder(T5Decoder):
+    default_version = "t5.1.1"
+
+
 MODELS = {"bert": BERT, "gpt": GPT, "gpt2": GPT2, "t5": T5, "t5.1.0": T5, "t5.1.1": T5_1_1,
           "mt5.1.1": T5_1_1, "t5_encoder": T5Encoder, "t5_decoder": T5Decoder}
+# bert4keras's names for one half of a given version (a config.json of transformers says the
+# version itself; a Mesh TensorFlow release's config does not).
+MODELS.update({"t5.1.0_encoder": T5Encoder, "t5.1.0_decoder": T5Decoder,
+               "t5.1.1_encoder": T5_1_1_Encoder, "t5.1.1_decoder": T5_1_1_Decoder,
+               "mt5.1.1_encoder": T5_1_1_Encoder, "mt5.1.1_decoder": T5_1_1_Decoder})
 MODELS.update({
     "roberta": RoBERTa, "albert": ALBERT, "albert_unshared": ALBERT_Unshared, "nezha": NEZHA,
     "roformer": RoFormer, "roformer_v2": RoFormerV2, "electra": ELECTRA, "gpt2_ml": GPT2_ML,

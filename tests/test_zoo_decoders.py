@@ -144,17 +144,43 @@ def test_t5_from_safetensors_matches_transformers(family):
     assert np.all(context[~real] == 0)  # padding zeroed, for a decoder given the context alone
 
 
-@pytest.mark.parametrize("family", T5_FAMILIES)
-def test_t5_from_mesh_tensorflow_names(family, tmp_path):
-    expected = np.load(ZOO / family / "expected.npz")
+def write_mesh_checkpoint(family, prefix):
     variables = {}
     for hf_name, value in load_file(ZOO / family / "model.safetensors").items():
         name, transposed = mesh_t5_name(hf_name)
         variables[name] = value.T.copy() if transposed else value
-    write_tf_checkpoint(tmp_path / "model.ckpt", variables)
+    write_tf_checkpoint(prefix, variables)
+
+
+@pytest.mark.parametrize("family", T5_FAMILIES)
+def test_t5_from_mesh_tensorflow_names(family, tmp_path):
+    expected = np.load(ZOO / family / "expected.npz")
+    write_mesh_checkpoint(family, tmp_path / "model.ckpt")
     model = build_transformer_model(ZOO / family / "config.json", tmp_path / "model.ckpt",
                                     model=family, with_lm="linear")
     logits = model.predict([expected["encoder_ids"], expected["decoder_ids"]], verbose=0)
+    assert np.abs(logits - expected["logits"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["mesh", "huggingface"])
+def test_t5_halves_load_from_the_whole_models_checkpoint(layout, tmp_path):
+    """Each half reads its stack from a checkpoint of the whole T5, by bert4keras's names with
+    the version ('t5.1.1_encoder'), which a Mesh TensorFlow release's config does not give."""
+    expected = np.load(ZOO / "t5.1.1" / "expected.npz")
+    if layout == "mesh":
+        write_mesh_checkpoint("t5.1.1", tmp_path / "model.ckpt")
+        options = dict(checkpoint_path=tmp_path / "model.ckpt", vocab_size=100, hidden_size=32,
+                       num_hidden_layers=2, num_attention_heads=4, attention_head_size=8,
+                       intermediate_size=64, relative_attention_num_buckets=8,
+                       relative_attention_max_distance=20)
+    else:
+        options = dict(config_path=ZOO / "t5.1.1" / "config.json", checkpoint_path=ZOO / "t5.1.1")
+    encoder = build_transformer_model(model="t5.1.1_encoder", **options)
+    context = encoder.predict(expected["encoder_ids"], verbose=0)
+    real = expected["encoder_ids"] != 0
+    assert np.abs(context - expected["encoder_output"])[real].max() <= 1e-4
+    decoder = build_transformer_model(model="mt5.1.1_decoder", with_lm="linear", **options)
+    logits = decoder.predict([context, expected["decoder_ids"]], verbose=0)
     assert np.abs(logits - expected["logits"]).max() <= 1e-4
 
 
