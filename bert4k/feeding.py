@@ -277,6 +277,23 @@ def _as_tuples(template, value):
     return value
 
 
+def _as_keras_structure(value):
+    """bert4keras generators yield ``[token_ids, segment_ids], labels``; Keras 3 on TensorFlow
+    takes only tuples and dicts as the structure of a generator's batch (a list there raises a
+    TypeError from tf.data), so lists of arrays become tuples. Lists of numbers stay data."""
+    if isinstance(value, dict):
+        return {key: _as_keras_structure(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_as_keras_structure(item) for item in value]
+        if isinstance(value, tuple) or (items and all(map(_is_array_or_structure, items))):
+            return tuple(items)
+    return value
+
+
+def _is_array_or_structure(value):
+    return isinstance(value, (tuple, dict)) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
 _NOTHING = object()  # marks an empty iterator, since None may be a legitimate item
 
 # glibc <malloc.h> mallopt parameters, and the limits glibc's own heuristic raises them to on 64-bit.
@@ -421,7 +438,7 @@ class DataGenerator:
     def _passes(self, random, shapes_apart=False):
         while True:
             produced_any = False
-            batches = self.__iter__(random)
+            batches = map(_as_keras_structure, self.__iter__(random))
             for batch in _second_batch_shaped_apart(batches) if shapes_apart else batches:
                 produced_any = True
                 yield batch
@@ -467,7 +484,8 @@ class DataGenerator:
         Under TensorFlow it first calls ``keep_freed_memory()``, as ``predict`` on it is a generator
         dataset too."""
         keep_freed_memory()
-        return iter(self.__iter__(random))
+        # A generator: Keras refuses other iterators (a map object) as data.
+        return (_as_keras_structure(batch) for batch in self.__iter__(random))
 
     def to_dataset(self, types, shapes, names=None, padded_batch=False, random=True):
         """An endless ``tf.data.Dataset`` built from ``forfit(random)``.

@@ -2,6 +2,7 @@
 independent converter in this file, round trips of our writers, and every kind of bad checkpoint."""
 
 import json
+import pathlib
 import re
 import sys
 import warnings
@@ -129,6 +130,27 @@ def test_minilm_prefixed_and_gamma_beta_names_load(minilm_dir, minilm_reference,
     save_file(renamed, path)
     model = build_transformer_model(minilm_dir / "config.json", path, with_pool=True)
     assert_matches_reference(model, minilm_reference)
+
+
+@pytest.mark.slow
+def test_readme_use_example_runs_on_the_real_minilm(minilm_dir, minilm_reference, tmp_path,
+                                                     monkeypatch, capsys):
+    """README's "Use" block as written, its files being the MiniLM's (the Google checkpoint
+    converted by this file's own converter)."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    code = re.search(r"## Use\n\n```python\n(.*?)```", readme, re.S).group(1)
+    hf_dir = tmp_path / "hf_dir"
+    hf_dir.mkdir()
+    for name in ("config.json", "model.safetensors", "vocab.txt"):
+        (hf_dir / name).symlink_to(minilm_dir / name)
+    (tmp_path / "vocab.txt").symlink_to(minilm_dir / "vocab.txt")
+    (tmp_path / "bert_config.json").symlink_to(minilm_dir / "config.json")
+    hf_to_google_checkpoint(minilm_dir / "model.safetensors", tmp_path / "bert_model.ckpt")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "[[[" in capsys.readouterr().out  # the printed [1, length, 384] array
+    assert namespace["token_ids"].shape == (1, len(namespace["tokenizer"].tokenize("语言模型")))
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bert4k import snippets
+from conftest import TINY_CONFIG
 from bert4k.snippets import (
     DataGenerator,
     ViterbiDecoder,
@@ -443,6 +444,41 @@ def test_fit_takes_batches_padded_to_their_longest_when_the_first_two_agree(adap
     if "error" in outcome:
         raise outcome["error"]
     assert np.all(np.isfinite(outcome["history"].history["loss"]))
+
+
+class ListBatches(DataGenerator):
+    """Batches as bert4keras's examples yield them: ``[token_ids, segment_ids], labels``."""
+
+    def __iter__(self, random=False):
+        batch_token_ids, batch_segment_ids, batch_labels = [], [], []
+        for is_end, length in self.sample(random):
+            batch_token_ids.append([2] + [5 + length] * length + [3])
+            batch_segment_ids.append([0] * (length + 2))
+            batch_labels.append([length % 2])
+            if len(batch_token_ids) == self.batch_size or is_end:
+                yield [sequence_padding(batch_token_ids), sequence_padding(batch_segment_ids)], \
+                    sequence_padding(batch_labels)
+                batch_token_ids, batch_segment_ids, batch_labels = [], [], []
+
+
+def test_batches_of_lists_as_bert4keras_yields_them_fit_and_predict():
+    """A list of inputs in a generator's batch raises a TypeError in Keras 3 on TensorFlow;
+    forfit and fortest hand it on as a tuple, the arrays untouched."""
+    import keras
+
+    from bert4k.models import build_transformer_model
+
+    generator = ListBatches([3, 9, 4, 12, 6, 7, 5, 10], batch_size=2)
+    (token_ids, segment_ids), labels = next(generator.fortest())
+    assert token_ids.tolist() == [[2, 8, 8, 8, 3] + [0] * 6, [2] + [14] * 9 + [3]]
+    assert labels.tolist() == [[1], [1]] and segment_ids.shape == (2, 11)
+    bert = build_transformer_model(return_keras_model=False, **TINY_CONFIG)
+    pooled = keras.layers.GlobalAveragePooling1D()(bert.model.output)
+    model = keras.Model(bert.model.inputs, keras.layers.Dense(2, activation="softmax")(pooled))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    history = model.fit(generator.forfit(), steps_per_epoch=len(generator), epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.predict(generator.fortest(), verbose=0).shape == (8, 2)
 
 
 @pytest.mark.backends("tensorflow", reason="forfit_dataset builds a tf.data.Dataset")
