@@ -956,6 +956,74 @@ def _report(reader, family, missing, unexpected, mismatched, anything_matched):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Weights of a whole model saved by tf.keras 2 (bert4keras's scripts)
+# ---------------------------------------------------------------------------------------------------
+
+# tf.keras keys a layer's variable by the layer's place among the model's layers with weights,
+# then the attribute path inside the layer: layer_with_weights-8/q_dense/kernel/.ATTRIBUTES/...
+KERAS2_KEY = re.compile(r"layer(?:_with_weights)?-\d+/(.+)/\.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def load_bert4keras_weights(model, path):
+    """Assign every weight of a Keras `model` from the weights a tf.keras 2 model saved with
+    `model.save_weights('best_model.weights')`, as bert4keras's scripts do on TensorFlow 2
+    (TensorFlow's object checkpoint: best_model.weights.index and .data-*). Build the same model
+    in bert4k (the same layer names, your own layers included) and pass it here: each variable is
+    matched by its layer's name and its path inside the layer; every missing, unexpected or
+    mis-shaped weight is reported at once, and nothing is assigned unless all of them fit."""
+    tf = _tensorflow(f"Reading the tf.keras weights {os.fspath(path)!r}")
+    path = os.fspath(path)
+    if path.endswith((".h5", ".hdf5")):
+        raise CheckpointError(
+            f"{path!r} is an HDF5 file; this reads tf.keras's TensorFlow-format weights (saved "
+            "without .h5). Keras's model.load_weights reads HDF5 weights, by layer order.")
+    try:
+        reader = tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"Cannot read tf.keras weights {path!r}: {_message(e)}") from None
+    graph = "_CHECKPOINTABLE_OBJECT_GRAPH"
+    stored = _keras2_variables(reader.get_tensor(graph)) if reader.has_tensor(graph) else {}
+    if not stored:
+        raise CheckpointError(f"{path!r} holds no layer weights of a tf.keras model (a Google "
+                              "checkpoint? build_transformer_model(checkpoint_path=...) reads those).")
+    weights = {w.path: w for w in model.weights}
+    shapes = reader.get_variable_to_shape_map()
+    missing = [f"  {p} {tuple(w.shape)}" for p, w in weights.items() if p not in stored]
+    unexpected = [f"  {p} (key {key})" for p, key in stored.items() if p not in weights]
+    mismatched = [f"  {p}: saved {tuple(shapes[key])}, model {tuple(weights[p].shape)}"
+                  for p, key in stored.items()
+                  if p in weights and tuple(shapes[key]) != tuple(weights[p].shape)]
+    if missing or unexpected or mismatched:
+        lines = [f"tf.keras weights {path!r} do not fit this model:"]
+        for title, items in [("missing from the file", missing),
+                             ("in the file but not in the model", unexpected),
+                             ("shape mismatch", mismatched)]:
+            if items:
+                lines += [f"{len(items)} {title}:"] + items
+        raise CheckpointError("\n".join(lines))
+    values = {p: reader.get_tensor(key) for p, key in stored.items()}  # all read, then assigned
+    for p, value in values.items():
+        weights[p].assign(np.asarray(value, dtype=weights[p].dtype))
+
+
+def _keras2_variables(serialized_graph):
+    """{our weight path: checkpoint key} for the layer variables of a tf.keras object graph: the
+    layer's name (the first part of the variable's name) and the attribute path in the key."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(serialized_graph)
+    found = {}
+    for node in graph.nodes:
+        for attribute in node.attributes:
+            match = KERAS2_KEY.fullmatch(attribute.checkpoint_key)
+            if match and attribute.full_name:
+                layer = attribute.full_name.split("/")[0]
+                found[f"{layer}/{match.group(1)}"] = attribute.checkpoint_key
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------
 

@@ -267,6 +267,47 @@ def test_fine_tuned_checkpoints_load_and_leave_their_task_heads_unread(tiny_conf
                                 **tiny_config)
 
 
+BERT4KERAS = pathlib.Path(__file__).resolve().parent / "fixtures" / "bert4keras"
+
+
+def bert4keras_example_model(head="Classifier"):
+    """What scripts/make_bert4keras_reference.py built in bert4keras, built in bert4k."""
+    from bert4k.layers import ConditionalRandomField
+
+    bert = build_transformer_model(BERT4KERAS / "bert_config.json", return_keras_model=False)
+    cls = keras.layers.Lambda(lambda x: x[:, 0], name="CLS-token")(bert.model.output)
+    label = keras.layers.Dense(3, activation="softmax", name=head)(cls)
+    tags = keras.layers.Dense(5, name="Tagger")(bert.model.output)
+    tags = ConditionalRandomField(lr_multiplier=100, name="CRF")(tags)
+    return keras.Model(bert.model.inputs, [label, tags])
+
+
+def test_weights_a_bert4keras_script_saved_load_into_the_same_model(tiny_config, tmp_path):
+    from bert4k.checkpoints import load_bert4keras_weights
+
+    expected = np.load(BERT4KERAS / "expected.npz")
+    model = bert4keras_example_model()
+    load_bert4keras_weights(model, BERT4KERAS / "best_model.weights")
+    label, tags = model.predict([expected["token_ids"], expected["segment_ids"]], verbose=0)
+    assert np.abs(label - expected["label"]).max() <= 1e-5
+    real = expected["token_ids"] != 0
+    assert np.abs(tags - expected["tags"])[real].max() <= 1e-5
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.get_layer("CRF").trans),
+                               expected["trans"], rtol=1e-6)
+
+    renamed = bert4keras_example_model(head="Sentiment")
+    table = renamed.get_layer("Embedding-Token").weights[0]
+    before = keras.ops.convert_to_numpy(table)
+    with pytest.raises(CheckpointError, match=r"(?s)missing from the file:\n  Sentiment/kernel"
+                                              r".*not in the model:\n  Classifier/kernel"):
+        load_bert4keras_weights(renamed, BERT4KERAS / "best_model.weights")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(table), before)  # nothing assigned
+    variables = tiny_google_variables(tiny_config, np.random.default_rng(0))
+    write_tf_checkpoint(tmp_path / "bert_model.ckpt", variables)
+    with pytest.raises(CheckpointError, match="no layer weights of a tf.keras model"):
+        load_bert4keras_weights(model, tmp_path / "bert_model.ckpt")
+
+
 def test_tiny_checkpoint_and_safetensors_round_trip(tiny_config, tmp_path):
     model = build_transformer_model(with_nsp=True, with_mlm=True, **tiny_config)
     ids = np.array([[2, 7, 9, 11, 3, 0]], "int32")
