@@ -95,16 +95,16 @@ def numpy(tensor):
     return tensor.detach().numpy().astype(np.float32)
 
 
-def make_roberta():
+def make_roberta(family="roberta", config_class=transformers.RobertaConfig,
+                 model_class=transformers.RobertaForMaskedLM, seed=1):
     # HF RoBERTa: pad id 1, positions start at pad_id + 1, one segment type.
-    config = transformers.RobertaConfig(**dict(TINY, type_vocab_size=1,
-                                               max_position_embeddings=66),
-                                        pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    model = randomise(transformers.RobertaForMaskedLM(config), seed=1).eval()
+    config = config_class(**dict(TINY, type_vocab_size=1, max_position_embeddings=66),
+                          pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    model = randomise(model_class(config), seed=seed).eval()
     ids, segments = inputs(pad_id=1)
     segments[:] = 0
     out = run(model, ids, segments, pad_id=1)
-    save("roberta", model, config, dict(
+    save(family, model, config, dict(
         token_ids=ids, segment_ids=segments,
         sequence_output=numpy(out.hidden_states[-1]), mlm_logits=numpy(out.logits)))
 
@@ -112,16 +112,8 @@ def make_roberta():
 def make_xlm_roberta():
     # XLM-R: RoBERTa's network; its config.json says model_type 'xlm-roberta', which must get
     # RoBERTa's position offset too.
-    config = transformers.XLMRobertaConfig(**dict(TINY, type_vocab_size=1,
-                                                  max_position_embeddings=66),
-                                           pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    model = randomise(transformers.XLMRobertaForMaskedLM(config), seed=6).eval()
-    ids, segments = inputs(pad_id=1)
-    segments[:] = 0
-    out = run(model, ids, segments, pad_id=1)
-    save("xlm_roberta", model, config, dict(
-        token_ids=ids, segment_ids=segments,
-        sequence_output=numpy(out.hidden_states[-1]), mlm_logits=numpy(out.logits)))
+    make_roberta("xlm_roberta", transformers.XLMRobertaConfig,
+                 transformers.XLMRobertaForMaskedLM, seed=6)
 
 
 def make_albert():
