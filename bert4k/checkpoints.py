@@ -956,71 +956,126 @@ def _report(reader, family, missing, unexpected, mismatched, anything_matched):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weights of a whole model saved by tf.keras 2 (bert4keras's scripts)
+# Weights of a whole model saved by Keras 2 (bert4keras's scripts)
 # ---------------------------------------------------------------------------------------------------
-
-# tf.keras keys a layer's variable by the layer's place among the model's layers with weights,
-# then the attribute path inside the layer: layer_with_weights-8/q_dense/kernel/.ATTRIBUTES/...
-KERAS2_KEY = re.compile(r"layer(?:_with_weights)?-\d+/(.+)/\.ATTRIBUTES/VARIABLE_VALUE")
 
 
 def load_bert4keras_weights(model, path):
-    """Assign every weight of a Keras `model` from the weights a tf.keras 2 model saved with
-    `model.save_weights('best_model.weights')`, as bert4keras's scripts do on TensorFlow 2
-    (TensorFlow's object checkpoint: best_model.weights.index and .data-*). Build the same model
-    in bert4k (the same layer names, your own layers included) and pass it here: each variable is
-    matched by its layer's name and its path inside the layer; every missing, unexpected or
-    mis-shaped weight is reported at once, and nothing is assigned unless all of them fit."""
-    tf = _tensorflow(f"Reading the tf.keras weights {os.fspath(path)!r}")
+    """Assign every weight of a Keras `model` from the weights a Keras 2 model saved with
+    `model.save_weights('best_model.weights')`, as bert4keras's scripts do: TensorFlow's object
+    checkpoint under tf.keras 2 (best_model.weights.index and .data-*), HDF5 under Keras 2.3 or
+    with an .h5 name. Build the same model in bert4k (the same layer names, your own layers
+    included) and pass it here: weights are matched by layer name and their name in the layer;
+    every missing, unexpected or mis-shaped weight is reported at once, and nothing is assigned
+    unless all of them fit.
+
+    (Keras 3's own `load_weights` reads such HDF5 files by layer order, which puts weights in
+    the wrong layers of a bert4k model without a word.)"""
     path = os.fspath(path)
-    if path.endswith((".h5", ".hdf5")):
-        raise CheckpointError(
-            f"{path!r} is an HDF5 file; this reads tf.keras's TensorFlow-format weights (saved "
-            "without .h5). Keras's model.load_weights reads HDF5 weights, by layer order.")
-    try:
-        reader = tf.train.load_checkpoint(path)
-    except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"Cannot read tf.keras weights {path!r}: {_message(e)}") from None
-    graph = "_CHECKPOINTABLE_OBJECT_GRAPH"
-    stored = _keras2_variables(reader.get_tensor(graph)) if reader.has_tensor(graph) else {}
-    if not stored:
-        raise CheckpointError(f"{path!r} holds no layer weights of a tf.keras model (a Google "
-                              "checkpoint? build_transformer_model(checkpoint_path=...) reads those).")
     weights = {w.path: w for w in model.weights}
-    shapes = reader.get_variable_to_shape_map()
+    if os.path.isfile(path) and _is_hdf5(path):
+        stored, read = _keras2_hdf5_variables(path, weights)
+    else:
+        stored, read = _keras2_checkpoint_variables(path)
     missing = [f"  {p} {tuple(w.shape)}" for p, w in weights.items() if p not in stored]
-    unexpected = [f"  {p} (key {key})" for p, key in stored.items() if p not in weights]
-    mismatched = [f"  {p}: saved {tuple(shapes[key])}, model {tuple(weights[p].shape)}"
-                  for p, key in stored.items()
-                  if p in weights and tuple(shapes[key]) != tuple(weights[p].shape)]
+    unexpected = [f"  {p} ({where})" for p, (where, _) in stored.items() if p not in weights]
+    mismatched = [f"  {p}: saved {shape}, model {tuple(weights[p].shape)}"
+                  for p, (_, shape) in stored.items()
+                  if p in weights and shape != tuple(weights[p].shape)]
     if missing or unexpected or mismatched:
-        lines = [f"tf.keras weights {path!r} do not fit this model:"]
+        lines = [f"Keras 2 weights {path!r} do not fit this model:"]
         for title, items in [("missing from the file", missing),
                              ("in the file but not in the model", unexpected),
                              ("shape mismatch", mismatched)]:
             if items:
                 lines += [f"{len(items)} {title}:"] + items
         raise CheckpointError("\n".join(lines))
-    values = {p: reader.get_tensor(key) for p, key in stored.items()}  # all read, then assigned
+    values = {p: read(where) for p, (where, _) in stored.items()}  # all read, then assigned
     for p, value in values.items():
         weights[p].assign(np.asarray(value, dtype=weights[p].dtype))
 
 
-def _keras2_variables(serialized_graph):
-    """{our weight path: checkpoint key} for the layer variables of a tf.keras object graph: the
-    layer's name (the first part of the variable's name) and the attribute path in the key."""
+def _is_hdf5(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+# tf.keras keys a layer's variable by the layer's place among the model's layers with weights,
+# then the attribute path inside the layer: layer_with_weights-8/q_dense/kernel/.ATTRIBUTES/...
+KERAS2_KEY = re.compile(r"layer(?:_with_weights)?-\d+/(.+)/\.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def _keras2_checkpoint_variables(path):
+    """({our weight path: (checkpoint key, shape)}, read) for a tf.keras object checkpoint: the
+    layer's name (first part of the variable's name) and the attribute path in the key."""
+    tf = _tensorflow(f"Reading the tf.keras weights {path!r}")
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+    try:
+        reader = tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"Cannot read Keras 2 weights {path!r}: {_message(e)}") from None
+    if not reader.has_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"):
+        raise CheckpointError(f"{path!r} holds no layer weights of a Keras model (a Google "
+                              "checkpoint? build_transformer_model(checkpoint_path=...) reads those).")
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(serialized_graph)
-    found = {}
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    shapes = reader.get_variable_to_shape_map()
+    stored = {}
     for node in graph.nodes:
         for attribute in node.attributes:
             match = KERAS2_KEY.fullmatch(attribute.checkpoint_key)
             if match and attribute.full_name:
                 layer = attribute.full_name.split("/")[0]
-                found[f"{layer}/{match.group(1)}"] = attribute.checkpoint_key
-    return found
+                key = attribute.checkpoint_key
+                stored[f"{layer}/{match.group(1)}"] = (key, tuple(shapes[key]))
+    return stored, reader.get_tensor
+
+
+def _keras2_hdf5_variables(path, weights):
+    """({our weight path: (dataset, shape)}, read) for Keras 2's HDF5 weights: a group per layer
+    name. Inside a layer, sublayers carry the names Keras gave them (dense, dense_1, ...); they
+    are taken in their order, which is the order in which the layer builds its sublayers, as ours
+    (q, k, v, o; i0, o), and each variable by its own name (kernel, bias)."""
+    import h5py
+
+    stored = {}
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" not in root.attrs:
+            raise CheckpointError(
+                f"{path!r} is an HDF5 file without layer names: not Keras 2 weights (Keras 3's "
+                ".weights.h5 layout, which only Keras's model.load_weights reads, by layer order).")
+        for layer in map(_text, root.attrs["layer_names"]):
+            group = root[layer]
+            names = [_text(n) for n in group.attrs["weight_names"]]
+            ours = _sublayers(weights, layer)
+            theirs = list(dict.fromkeys(n.split("/")[-2] for n in names if n.count("/") > 1))
+            renamed = dict(zip(theirs, ours))
+            for name in names:
+                parts = name.removesuffix(":0").split("/")
+                if len(parts) > 2:  # layer/sublayer/variable
+                    parts[-2] = renamed.get(parts[-2], parts[-2])
+                inner = "/".join(parts[-2:] if len(parts) > 2 else parts[-1:])
+                stored[f"{layer}/{inner}"] = (f"{layer}/{name}", tuple(group[name].shape))
+
+    def read(where):
+        layer, name = where.split("/", 1)
+        with h5py.File(path, "r") as f:
+            root = f["model_weights"] if "model_weights" in f else f
+            return root[layer][name][()]
+
+    return stored, read
+
+
+def _sublayers(weights, layer):
+    """The names of `layer`'s sublayers in the order of its weights (q_dense, k_dense, ...)."""
+    found = (p.split("/") for p in weights if p.startswith(layer + "/"))
+    return list(dict.fromkeys(parts[1] for parts in found if len(parts) > 2))
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ for tests/test_checkpoints.py: bert4k must read such weights into the same model
 
 The model is what bert4keras's examples build: a small BERT with a classifier on [CLS] and a CRF
 tagger on every token, saved with `model.save_weights('best_model.weights')` (TensorFlow's
-object checkpoint: best_model.weights.index and .data-00000-of-00001). Every weight is random
+object checkpoint: best_model.weights.index and .data-00000-of-00001), and in Keras 2's HDF5
+layout (best_model.h5, as Keras 2.3 on TensorFlow 1 wrote any name). Every weight is random
 (fixed seed, LayerNorm and biases included). Run in bert4keras's environment
 (`bash scripts/benchmark_envs.sh bert4keras` builds one under .bench/bert4keras):
 
@@ -45,6 +46,7 @@ def main():
         weight.assign(value.astype("float32"))
     model.save_weights(os.path.join(OUT, "best_model.weights"))
     os.remove(os.path.join(OUT, "checkpoint"))  # TensorFlow's state file, with this machine's path
+    model.save_weights(os.path.join(OUT, "best_model.h5"))  # Keras 2's HDF5, as Keras 2.3 wrote
     token_ids = rng.integers(5, 50, size=(2, 10))
     token_ids[0, 7:] = 0
     segment_ids = np.zeros_like(token_ids)

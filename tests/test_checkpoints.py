@@ -282,12 +282,15 @@ def bert4keras_example_model(head="Classifier"):
     return keras.Model(bert.model.inputs, [label, tags])
 
 
-def test_weights_a_bert4keras_script_saved_load_into_the_same_model(tiny_config, tmp_path):
+@pytest.mark.parametrize("saved", ["best_model.weights", "best_model.h5"])
+def test_weights_a_bert4keras_script_saved_load_into_the_same_model(saved, tiny_config, tmp_path):
+    """tf.keras 2's object checkpoint, and Keras 2's HDF5 (whose sublayers are named dense,
+    dense_1, ... and map to q, k, v, o in their order)."""
     from bert4k.checkpoints import load_bert4keras_weights
 
     expected = np.load(BERT4KERAS / "expected.npz")
     model = bert4keras_example_model()
-    load_bert4keras_weights(model, BERT4KERAS / "best_model.weights")
+    load_bert4keras_weights(model, BERT4KERAS / saved)
     label, tags = model.predict([expected["token_ids"], expected["segment_ids"]], verbose=0)
     assert np.abs(label - expected["label"]).max() <= 1e-5
     real = expected["token_ids"] != 0
@@ -300,11 +303,11 @@ def test_weights_a_bert4keras_script_saved_load_into_the_same_model(tiny_config,
     before = keras.ops.convert_to_numpy(table)
     with pytest.raises(CheckpointError, match=r"(?s)missing from the file:\n  Sentiment/kernel"
                                               r".*not in the model:\n  Classifier/kernel"):
-        load_bert4keras_weights(renamed, BERT4KERAS / "best_model.weights")
+        load_bert4keras_weights(renamed, BERT4KERAS / saved)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(table), before)  # nothing assigned
     variables = tiny_google_variables(tiny_config, np.random.default_rng(0))
     write_tf_checkpoint(tmp_path / "bert_model.ckpt", variables)
-    with pytest.raises(CheckpointError, match="no layer weights of a tf.keras model"):
+    with pytest.raises(CheckpointError, match="no layer weights of a Keras model"):
         load_bert4keras_weights(model, tmp_path / "bert_model.ckpt")
 
 
