@@ -990,8 +990,8 @@ def load_bert4keras_weights(model, path):
             if items:
                 lines += [f"{len(items)} {title}:"] + items
         raise CheckpointError("\n".join(lines))
-    values = {p: read(where) for p, (where, _) in stored.items()}  # all read, then assigned
-    for p, value in values.items():
+    values = read([where for where, _ in stored.values()])  # all read, then assigned
+    for p, value in zip(stored, values):
         weights[p].assign(np.asarray(value, dtype=weights[p].dtype))
 
 
@@ -1006,8 +1006,8 @@ KERAS2_KEY = re.compile(r"layer(?:_with_weights)?-\d+/(.+)/\.ATTRIBUTES/VARIABLE
 
 
 def _keras2_checkpoint_variables(path):
-    """({our weight path: (checkpoint key, shape)}, read) for a tf.keras object checkpoint: the
-    layer's name (first part of the variable's name) and the attribute path in the key."""
+    """({our weight path: (checkpoint key, shape)}, read(keys)) for a tf.keras object checkpoint:
+    the layer's name (first part of the variable's name) and the attribute path in the key."""
     tf = _tensorflow(f"Reading the tf.keras weights {path!r}")
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
@@ -1029,14 +1029,14 @@ def _keras2_checkpoint_variables(path):
                 layer = attribute.full_name.split("/")[0]
                 key = attribute.checkpoint_key
                 stored[f"{layer}/{match.group(1)}"] = (key, tuple(shapes[key]))
-    return stored, reader.get_tensor
+    return stored, lambda keys: [reader.get_tensor(key) for key in keys]
 
 
 def _keras2_hdf5_variables(path, weights):
-    """({our weight path: (dataset, shape)}, read) for Keras 2's HDF5 weights: a group per layer
-    name. Inside a layer, sublayers carry the names Keras gave them (dense, dense_1, ...); they
-    are taken in their order, which is the order in which the layer builds its sublayers, as ours
-    (q, k, v, o; i0, o), and each variable by its own name (kernel, bias)."""
+    """({our weight path: (dataset, shape)}, read(datasets)) for Keras 2's HDF5 weights: a group
+    per layer name. Inside a layer, sublayers carry the names Keras gave them (dense, dense_1,
+    ...); they are taken in their order, which is the order in which the layer builds its
+    sublayers, as ours (q, k, v, o; i0, o), and each variable by its own name (kernel, bias)."""
     import h5py
 
     stored = {}
@@ -1059,11 +1059,10 @@ def _keras2_hdf5_variables(path, weights):
                 inner = "/".join(parts[-2:] if len(parts) > 2 else parts[-1:])
                 stored[f"{layer}/{inner}"] = (f"{layer}/{name}", tuple(group[name].shape))
 
-    def read(where):
-        layer, name = where.split("/", 1)
+    def read(wheres):
         with h5py.File(path, "r") as f:
             root = f["model_weights"] if "model_weights" in f else f
-            return root[layer][name][()]
+            return [root[where][()] for where in wheres]
 
     return stored, read
 
