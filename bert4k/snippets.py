@@ -7,6 +7,7 @@ standard library, so data-preparation scripts and worker processes can use this 
 deep-learning framework.
 """
 
+import builtins
 import functools
 
 import numpy as np
@@ -26,6 +27,10 @@ from bert4k.feeding import (  # noqa: F401  (bert4keras scripts import these fro
 def is_string(s):
     """Whether ``s`` is a text string."""
     return isinstance(s, str)
+
+
+# bert4keras scripts import `open` from snippets (there a Python 2 shim); Python 3's is the same.
+open = builtins.open  # noqa: A001
 
 
 def convert_to_unicode(text, encoding="utf-8", errors="ignore"):

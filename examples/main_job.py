@@ -1,6 +1,6 @@
 """The main job: pretrain a small BERT on the bundled Chinese corpus, then measure what it buys.
 
-    python examples/main_job.py                 # 11-13 minutes on README's 2-core AVX2 VM
+    python examples/main_job.py                 # 11-14 minutes on README's 2-core AVX2 VM
     python examples/main_job.py --seeds 3       # a third run of each model: about 4 minutes more
 
 1. Pretraining data: the texts of the training reviews (data/sentiment.zip, labels left out)
