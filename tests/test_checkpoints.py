@@ -20,6 +20,7 @@ from bert4k.checkpoints import (
     save_weights_as_safetensors,
 )
 from bert4k.models import build_transformer_model
+from conftest import write_tf_checkpoint
 
 # Google BERT release names (google-research/bert modeling.py) for Hugging Face BertModel names;
 # True where Google keeps the transposed ([in, out]) matrix. Written out here, independently of
@@ -59,12 +60,6 @@ def google_name(hf_name):
         name, transposed = HF_LAYER_TO_GOOGLE[match.group(2)]
         return f"bert/encoder/layer_{match.group(1)}/{name}", transposed
     return HF_TO_GOOGLE[hf_name]
-
-
-def write_tf_checkpoint(prefix, variables):
-    names = sorted(variables)
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.constant(variables[n]) for n in names])
 
 
 def hf_to_google_checkpoint(safetensors_path, prefix, with_optimizer_slots=True):

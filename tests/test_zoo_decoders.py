@@ -3,26 +3,18 @@ scripts/make_zoo_decoder_reference.py, loaded from their safetensors and from ch
 original release names (written here by an independent mapping)."""
 
 import json
-import math
 import re
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from safetensors.numpy import load_file, save_file
 
 from bert4k.checkpoints import save_weights_as_checkpoint, save_weights_as_safetensors
 from bert4k.models import build_transformer_model
-from conftest import FIXTURES
+from conftest import FIXTURES, gelu, layer_norm, softmax, write_tf_checkpoint
 
 ZOO = FIXTURES / "zoo"
-
-
-def write_tf_checkpoint(prefix, variables):
-    names = sorted(variables)
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.constant(variables[n]) for n in names])
 
 
 # -- GPT-2 ----------------------------------------------------------------------------------------
@@ -292,8 +284,7 @@ def numpy_gpt2_ml(w, ids, heads, layers):
     x = x + attention(x), x = LN1(x + mlp(LN0(x))); next-token probabilities from the tied
     token table. LayerNorm epsilon 1e-5, erf GELU."""
     def norm(x, scope):
-        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
-        return x * w[f"{scope}/gamma"] + w[f"{scope}/beta"]
+        return layer_norm(x, w[f"{scope}/gamma"], w[f"{scope}/beta"], eps=1e-5)
 
     def dense(x, scope):
         return x @ w[f"{scope}/kernel"] + w[f"{scope}/bias"]
@@ -309,16 +300,12 @@ def numpy_gpt2_ml(w, ids, heads, layers):
         scope = f"newslm/layer{n:02d}"
         q, k, v = (split(dense(x, f"{scope}/{part}_layer")) for part in ("query", "key", "value"))
         scores = np.where(future, -np.inf, q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]))
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        context = (scores / scores.sum(-1, keepdims=True)) @ v
+        context = softmax(scores) @ v
         context = context.transpose(0, 2, 1, 3).reshape(x.shape)
         x = x + dense(context, f"{scope}/context_projection_layer")
-        h = dense(norm(x, f"{scope}/LayerNorm_mlp_ln0"), f"{scope}/intermediate")
-        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        h = gelu(dense(norm(x, f"{scope}/LayerNorm_mlp_ln0"), f"{scope}/intermediate"))
         x = norm(x + dense(h, f"{scope}/output"), f"{scope}/LayerNorm_mlp_ln1")
-    logits = x @ w["newslm/embeddings/word_embed"].T
-    logits = np.exp(logits - logits.max(-1, keepdims=True))
-    return logits / logits.sum(-1, keepdims=True)
+    return softmax(x @ w["newslm/embeddings/word_embed"].T)
 
 
 def test_gpt2_ml_matches_numpy_grover_from_its_release_names(tmp_path):

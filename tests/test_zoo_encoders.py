@@ -10,7 +10,6 @@ name mapping (written out below, independently of bert4k's tables). Families tra
 implementation of the published equations, also written below.
 """
 
-import math
 import pathlib
 import re
 
@@ -24,6 +23,7 @@ from bert4k import configs
 from bert4k.checkpoints import CheckpointError, save_weights_as_checkpoint, \
     save_weights_as_safetensors
 from bert4k.models import BERT, build_transformer_model
+from conftest import gelu, layer_norm, softmax, write_tf_checkpoint
 
 ZOO = pathlib.Path(__file__).resolve().parent / "fixtures" / "zoo"
 TOLERANCE = 1e-4
@@ -134,12 +134,6 @@ def original_name(family, hf_name):
             leaf, transposed = leaves[hf_name[match.end():]]
             return match.expand(original) + leaf, transposed
     raise KeyError(f"no original name for {hf_name}")
-
-
-def write_tf_checkpoint(prefix, variables):
-    names = sorted(variables)
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.constant(variables[n]) for n in names])
 
 
 def write_original_checkpoint(family, prefix):
@@ -303,23 +297,6 @@ def test_config_settings_that_cannot_be_honoured_are_refused():
 
 TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position=64, segment_vocab_size=2)
-
-
-def gelu(x):
-    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
-
-
-def softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def layer_norm(x, gamma=None, beta=None, eps=1e-12, center=True):
-    """LayerNorm; center=False without gamma/beta is RoFormer-v2's x / sqrt(mean(x^2) + eps)."""
-    if center:
-        x = x - x.mean(-1, keepdims=True)
-    x = x / np.sqrt((x**2).mean(-1, keepdims=True) + eps)
-    return x * (1 if gamma is None else gamma) + (0 if beta is None else beta)
 
 
 def sinusoid_table(rows, dim):
