@@ -302,16 +302,21 @@ class Transformer:
         return dict(units=self.intermediate_size, activation=self.hidden_act,
                     kernel_initializer=self.initializer)
 
-    def apply_residual(self, x, layer, name, sublayer_inputs=None, arguments=None, **settings):
+    def apply_residual(self, x, layer, name, sublayer_inputs=None, arguments=None, norms=None,
+                       **settings):
         """One residual sublayer. Post-norm (BERT): sublayer, dropout, add, norm. Pre-norm
         (GPT-2, T5): norm, sublayer, dropout, add. `sublayer_inputs(h)` builds the sublayer's
-        inputs from the (normalised) stream, e.g. [h, h, h] for self-attention."""
-        h = self.apply_norm(x, f"{name}-Norm") if self.pre_norm else x
+        inputs from the (normalised) stream, e.g. [h, h, h] for self-attention. `norms`, the
+        names of the norms (before, after), or None for either, places them otherwise (GPT2-ML)."""
+        if norms is None:
+            norms = (f"{name}-Norm", None) if self.pre_norm else (None, f"{name}-Norm")
+        before, after = norms
+        h = self.apply_norm(x, before) if before else x
         h = sublayer_inputs(h) if sublayer_inputs else h
         h = self.apply(h, layer, arguments, name=name, **settings)
         h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
         h = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
-        return h if self.pre_norm else self.apply_norm(h, f"{name}-Norm")
+        return self.apply_norm(h, after) if after else h
 
     def apply_norm(self, x, name):
         settings = dict(epsilon=self.layer_norm_epsilon, **self.norm_settings())
@@ -659,17 +664,15 @@ class GPT2_ML(GPT):
 
     def apply_main_layers(self, x, index):
         block = self.block_name(index)
-        name = f"{block}-MultiHeadSelfAttention"
-        h = self.apply([x, x, x], L.MultiHeadAttention, self.attention_arguments(index),
-                       name=name, **self.attention_settings())
-        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
-        x = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
+        x = self.apply_residual(
+            x, L.MultiHeadAttention, f"{block}-MultiHeadSelfAttention",
+            sublayer_inputs=lambda h: [h, h, h], arguments=self.attention_arguments(index),
+            norms=(None, None), **self.attention_settings(),
+        )
         name = f"{block}-FeedForward"
-        h = self.apply_norm(x, f"{name}-Norm-0")
-        h = self.apply(h, L.FeedForward, name=name, **self.feed_forward_settings())
-        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
-        x = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
-        return self.apply_norm(x, f"{name}-Norm-1")
+        return self.apply_residual(x, L.FeedForward, name,
+                                   norms=(f"{name}-Norm-0", f"{name}-Norm-1"),
+                                   **self.feed_forward_settings())
 
 
 class T5Base(Transformer):
