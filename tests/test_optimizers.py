@@ -641,13 +641,14 @@ result["ema"] = model.evaluate(inputs, labels, verbose=0)
 optimizer.reset_old_weights()
 result["reset"] = model.evaluate(inputs, labels, verbose=0)
 
-# All eight in a custom loop: two replicas end where one device does (so accumulation across
-# replicas also equals one step on the concatenated batch, as tested on one device).
-def custom_loop(strategy):
+# In a custom loop, two replicas end where one device does: all eight (so accumulation across
+# replicas also equals one step on the concatenated batch, as tested on one device), and Adam
+# alone and with weight decay (TensorFlow's fused Adam kernel, on each replica's variables).
+def custom_loop(strategy, make_optimizer):
     tokens, targets = T.regression_data(samples=32)
     with strategy.scope():
         model = T.small_model()
-        optimizer = T.compose(T.EXTENSIONS, name="LoopAllEight")(**T.ALL_ARGUMENTS)
+        optimizer = make_optimizer()
         optimizer.build(model.trainable_variables)
     loss_fn = keras.losses.MeanSquaredError(reduction="sum")
 
@@ -665,10 +666,17 @@ def custom_loop(strategy):
         train_step(*batch)
     return [w.numpy() for w in model.trainable_variables], int(optimizer.iterations.numpy())
 
-single, single_updates = custom_loop(tf.distribute.get_strategy())
-mirrored, mirrored_updates = custom_loop(strategy)
-result["loop_gap"] = max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
-result["loop_updates"] = [single_updates, mirrored_updates]
+optimizers = dict(
+    all_eight=lambda: T.compose(T.EXTENSIONS, name="LoopAllEight")(**T.ALL_ARGUMENTS),
+    adam=lambda: T.O.Adam(learning_rate=0.01),
+    adamw=lambda: T.O.extend_with_weight_decay(T.O.Adam, name="LoopAdamW")(
+        learning_rate=0.01, weight_decay_rate=0.1),
+)
+for name, make_optimizer in optimizers.items():
+    single, single_updates = custom_loop(tf.distribute.get_strategy(), make_optimizer)
+    mirrored, mirrored_updates = custom_loop(strategy, make_optimizer)
+    result[name + "_gap"] = max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
+    result[name + "_updates"] = [single_updates, mirrored_updates]
 print("RESULT " + json.dumps(result))
 """
 
@@ -686,4 +694,6 @@ def test_all_eight_under_mirrored_strategy_with_two_cpus():
     assert result["after"] < 0.5 * result["before"], result
     assert result["updates"] == BERT_EPOCHS * 128 // (16 * 2)
     assert result["ema"] < result["before"] and result["reset"] == pytest.approx(result["after"])
-    assert result["loop_gap"] < 1e-5 and result["loop_updates"] == [4, 4], result
+    assert result["all_eight_gap"] < 1e-5 and result["all_eight_updates"] == [4, 4], result
+    for name in ("adam", "adamw"):
+        assert result[name + "_gap"] < 1e-5 and result[name + "_updates"] == [8, 8], result

@@ -1,6 +1,7 @@
 """The fast paths: fused attention (keras.ops.dot_product_attention) against the explicit einsums
 and a NumPy reference, attention dropout in training, bf16 mixed precision against float32 and
-transformers' outputs on the real MiniLM, bucketed padding, projections as single matmuls.
+transformers' outputs on the real MiniLM, bucketed padding, projections as single matmuls, Adam's
+fused kernel.
 Speed itself is measured by scripts/benchmark.py, never here."""
 
 import math
@@ -300,6 +301,33 @@ def test_rank_three_projections_trace_to_one_matmul_each():
     # q, k, v, o and the two feed-forward projections: one 2-D MatMul each over batch * length
     # rows; the attention's two batched products are the only other contractions.
     assert counts == {"attention": 4, "feed_forward": 2}
+
+
+# -- the optimizer's fused kernel ------------------------------------------------------------------
+
+
+@pytest.mark.tensorflow_only("inspects the traced TensorFlow graph")
+def test_adam_updates_each_variable_with_one_fused_kernel_unless_assigns_are_overridden():
+    """bert4k's Adam (and the extensions built on it) updates through TensorFlow's
+    ResourceApplyAdam; gradient accumulation, which masks every assign, keeps the ops it can
+    mask. (That the numbers are Adam's is tested against NumPy in test_optimizers.)"""
+    import tensorflow as tf
+
+    from bert4k import optimizers as O
+
+    def kernels(optimizer):
+        variables = [keras.Variable(np.ones(shape, "float32")) for shape in ((3, 4), (4,))]
+        gradients = [tf.ones(v.shape) for v in variables]
+        optimizer.build(variables)
+        graph = tf.function(lambda: optimizer.apply(gradients, variables)).get_concrete_function().graph
+        return [op.type for op in graph.get_operations()].count("ResourceApplyAdam")
+
+    weight_decay = O.extend_with_weight_decay(O.Adam, name="FusedTestAdamW")
+    accumulation = O.extend_with_gradient_accumulation(O.Adam, name="FusedTestAccumulated")
+    assert kernels(O.Adam(bias_correction=False)) == 2
+    assert kernels(weight_decay(weight_decay_rate=0.01)) == 2
+    assert kernels(accumulation(grad_accum_steps=2)) == 0
+    assert kernels(O.Adam(amsgrad=True)) == 0
 
 
 # -- the benchmark's bookkeeping (its timings are never asserted) ----------------------------------
