@@ -169,8 +169,8 @@ class Adam(keras.optimizers.Adam):
     one multithreaded pass over the variable, its moments and its gradient) where Keras's
     element-wise ops make about a dozen passes: 106-118 ms against 637-645 ms for BERT-base's 109 M
     parameters on a 2-core AVX2 CPU (README, Performance). It is skipped where the update must go through
-    ``self.assign*`` (an extension that overrides them, e.g. gradient accumulation) and with
-    ``amsgrad``.
+    ``self.assign*`` (an extension that overrides them, e.g. gradient accumulation), with
+    ``amsgrad`` and for float16 / bfloat16 variables.
     """
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-6,
@@ -181,7 +181,7 @@ class Adam(keras.optimizers.Adam):
 
     def update_step(self, gradient, variable, learning_rate):
         gradient = _dense_gradient(gradient, variable)
-        if self._takes_fused_kernel():
+        if self._takes_fused_kernel(variable):
             return self._fused_update_step(gradient, variable, learning_rate)
         if self.bias_correction:
             return super().update_step(gradient, variable, learning_rate)
@@ -198,10 +198,13 @@ class Adam(keras.optimizers.Adam):
             v = v_hat
         self.assign_sub(variable, learning_rate * m / (ops.sqrt(v) + self.epsilon))
 
-    def _takes_fused_kernel(self):
+    def _takes_fused_kernel(self, variable):
         plain_assigns = all(getattr(type(self), name) is getattr(keras.optimizers.Adam, name)
                             for name in ("assign", "assign_add", "assign_sub"))
-        return keras.backend.backend() == "tensorflow" and plain_assigns and not self.amsgrad
+        # Half-precision variables keep Keras's ops: the kernel rounds differently in float16.
+        full_precision = keras.backend.standardize_dtype(variable.dtype) in ("float32", "float64")
+        return (keras.backend.backend() == "tensorflow" and plain_assigns and full_precision
+                and not self.amsgrad)
 
     def _fused_update_step(self, gradient, variable, learning_rate):
         import tensorflow as tf

@@ -310,14 +310,15 @@ def test_rank_three_projections_trace_to_one_matmul_each():
 def test_adam_updates_each_variable_with_one_fused_kernel_unless_assigns_are_overridden():
     """bert4k's Adam (and the extensions built on it) updates through TensorFlow's
     ResourceApplyAdam; gradient accumulation, which masks every assign, keeps the ops it can
-    mask. (That the numbers are Adam's is tested against NumPy in test_optimizers.)"""
+    mask, and so do half-precision variables. (That the numbers are Adam's is tested against
+    NumPy in test_optimizers.)"""
     import tensorflow as tf
 
     from bert4k import optimizers as O
 
-    def kernels(optimizer):
-        variables = [keras.Variable(np.ones(shape, "float32")) for shape in ((3, 4), (4,))]
-        gradients = [tf.ones(v.shape) for v in variables]
+    def kernels(optimizer, dtype="float32"):
+        variables = [keras.Variable(np.ones(shape, dtype)) for shape in ((3, 4), (4,))]
+        gradients = [tf.ones(v.shape, dtype) for v in variables]
         optimizer.build(variables)
         graph = tf.function(lambda: optimizer.apply(gradients, variables)).get_concrete_function().graph
         return [op.type for op in graph.get_operations()].count("ResourceApplyAdam")
@@ -328,6 +329,7 @@ def test_adam_updates_each_variable_with_one_fused_kernel_unless_assigns_are_ove
     assert kernels(weight_decay(weight_decay_rate=0.01)) == 2
     assert kernels(accumulation(grad_accum_steps=2)) == 0
     assert kernels(O.Adam(amsgrad=True)) == 0
+    assert kernels(O.Adam(), dtype="float16") == 0
 
 
 # -- the benchmark's bookkeeping (its timings are never asserted) ----------------------------------
