@@ -167,8 +167,8 @@ class Adam(keras.optimizers.Adam):
 
     On TensorFlow the update is one ``ResourceApplyAdam`` kernel per variable (the same formula,
     one multithreaded pass over the variable, its moments and its gradient) where Keras's
-    element-wise ops make about a dozen passes: 106-118 ms against 637-645 ms for BERT-base's 109 M
-    parameters on a 2-core AVX2 CPU (README, Performance). It is skipped where the update must go through
+    element-wise ops make about a dozen passes: 111 ms against 570 ms for BERT-base's 109 M
+    parameters on a 2-core AVX2 CPU (`scripts/benchmark.py --training`; README, Performance). It is skipped where the update must go through
     ``self.assign*`` (an extension that overrides them, e.g. gradient accumulation), with
     ``amsgrad`` and for float16 / bfloat16 variables.
     """

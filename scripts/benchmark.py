@@ -40,6 +40,12 @@ What is measured and how:
 * Fine-tuning: a classifier (pooled [CLS] -> Dense(2) softmax, sparse cross-entropy, AdamW 2e-5,
   dropout 0.1 as in the configs) at 16x128: Keras `train_on_batch`; torch forward, backward,
   AdamW step.
+* Optimizer (--training): bert4k's Adam, whose update on TensorFlow is one fused
+  `ResourceApplyAdam` kernel per variable, against Keras's Adam and AdamW and against itself with
+  the kernel turned off: one update of the classifier's trainable variables (fixed dense
+  gradients), calls interleaved; then the classifier's `train_on_batch` at 16x128 with
+  `extend_with_weight_decay(Adam)`, kernel on and off, interleaved (--optimizer-models, default
+  the --models).
 * Fine-tuning from a Python generator: the same classifier (bert4k-tf-graph, MiniLM, 16x128),
   `model.fit` on an endless generator of 8 fixed batches as the first thing in a fresh process,
   from `DataGenerator.forfit` and from a plain generator; 5 warm-up steps, then the median step
@@ -221,6 +227,9 @@ class Driver:
                 job = dict(job="generator_fit", feed=feed, model="minilm", batch=TRAIN_SHAPE[0],
                            length=TRAIN_SHAPE[1], warmup_steps=5, steps=8 if a.quick else 20)
                 self.run("main", job, "generator-fit-" + feed.replace(" ", "-").lower())
+            for model in a.optimizer_models:
+                job = dict(job="optimizer", model=model, train=TRAIN_SHAPE, timing=self.timing())
+                self.run("main", job, f"optimizer-{model}")
         if a.inference and a.head_to_head:
             for model in a.models:
                 self.run_head_to_head(model)
@@ -317,6 +326,7 @@ def parse_args(argv=None):
     p.add_argument("--scaling-variant", default="bert4k-tf-graph")
     p.add_argument("--scaling-models", help="default minilm")
     p.add_argument("--scaling-batch", type=int, default=4, help="batch of the length sweep")
+    p.add_argument("--optimizer-models", help="models of the optimizer measurement (default: --models)")
     p.add_argument("--tokenizer-passes", type=int, help="default 2, quick 1")
     p.add_argument("--tokenizer-limit", type=int, help="strings per corpus (default all; quick 2000)")
     p.add_argument("--pretraining-model", default="minilm", choices=sorted(MODELS))
@@ -357,6 +367,7 @@ def parse_args(argv=None):
     a.min_time = a.min_time if a.min_time is not None else (1.0 if q else 3.0)
     a.min_reps = a.min_reps or (2 if q else 3)
     a.scaling_models = a.scaling_models.split(",") if a.scaling_models else ["minilm"]
+    a.optimizer_models = a.optimizer_models.split(",") if a.optimizer_models else list(a.models)
     a.tokenizer_passes = a.tokenizer_passes or (1 if q else 2)
     a.tokenizer_limit = a.tokenizer_limit or (2000 if q else None)
     a.pretraining_steps = a.pretraining_steps or (4 if q else 8)

@@ -86,6 +86,8 @@ class Report:
                 lines += [self.model_table(model), ""]
         if self.select(kind="generator_fit"):
             lines += [self.generator_fit_table(), ""]
+        if self.select(kind="optimizer_update"):
+            lines += [self.optimizer_table(), ""]
         if self.select(kind="headtohead"):
             lines += [self.head_to_head_table(), ""]
         if self.select(kind="scaling"):
@@ -191,6 +193,31 @@ class Report:
                 ratio = f"x{r['tokens_per_s'] / reference['tokens_per_s']:.2f}" if reference else "-"
                 rows.append(f"| {feed} | {r['seconds']:.3f} | {fmt(r['tokens_per_s'])} | {ratio} | "
                             f"{fmt(r['page_faults_per_step'])} | {busy_cores(r):.1f} | {fmt(r['rss_mib'])} |")
+        return "\n".join(rows)
+
+    def optimizer_table(self):
+        rows = ["### Optimizer: bert4k's Adam (one fused TensorFlow kernel per variable) against Keras's",
+                "",
+                "One update of the classifier's trainable variables (fixed dense gradients), the "
+                "optimizers' calls interleaved in one process; x: against keras.optimizers.Adam. "
+                "Then whole `train_on_batch` steps with `extend_with_weight_decay(Adam)`, the "
+                "kernel on and off, interleaved.", "",
+                "| model | optimizer | update ms | x |", "|---|---|---:|---:|"]
+        for model in self.d.args.optimizer_models:
+            updates = self.select(kind="optimizer_update", model=model)
+            reference = next((r for r in updates if r["optimizer"] == "keras.optimizers.Adam"), None)
+            for r in updates:
+                ratio = f"x{reference['seconds'] / r['seconds']:.2f}" if reference else "-"
+                rows.append(f"| {model} ({r['parameters'] / 1e6:.1f} M parameters) | {r['optimizer']} | "
+                            f"{r['seconds'] * 1000:.0f} | {ratio} |")
+        rows += ["", "| model | training step | seconds/step | tokens/s | x |", "|---|---|---:|---:|---:|"]
+        for model in self.d.args.optimizer_models:
+            steps = {r["kernel"]: r for r in self.select(kind="optimizer_step", model=model)}
+            off = steps.get("kernel off")
+            for name, r in steps.items():
+                ratio = f"x{r['tokens_per_s'] / off['tokens_per_s']:.2f}" if off else "-"
+                rows.append(f"| {model} | {r['batch']}x{r['length']}, AdamW, {name} | "
+                            f"{r['seconds']:.3f} | {fmt(r['tokens_per_s'])} | {ratio} |")
         return "\n".join(rows)
 
     def head_to_head_table(self):

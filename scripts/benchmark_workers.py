@@ -188,13 +188,13 @@ class KerasRunner:
         model.compile(**self.compile_options())
         return lambda tokens, segments: to_numpy(model.predict_on_batch([tokens, segments]))
 
-    def classifier(self):
-        """pooled [CLS] -> Dense(2) softmax, compiled for training."""
+    def classifier(self, optimizer=None):
+        """pooled [CLS] -> Dense(2) softmax, compiled for training (default: Keras's AdamW)."""
         keras = self.keras
         encoder = self.build(pooled=True)
         probabilities = keras.layers.Dense(2, activation="softmax", name="Classifier")(encoder.output)
         model = keras.Model(encoder.inputs, probabilities)
-        optimizer = keras.optimizers.AdamW(learning_rate=2e-5)
+        optimizer = optimizer or keras.optimizers.AdamW(learning_rate=2e-5)
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                       **self.compile_options())
         return model
@@ -412,6 +412,55 @@ def worker_generator_fit(job):
     emit(dict(kind="generator_fit", feed=job["feed"], model=job["model"], batch=batch, length=length,
               steps=steps, seconds=step, cpu=step * cpu / wall, page_faults_per_step=faults / steps,
               tokens_per_s=batch * length / step, rss_mib=rss_mib()))
+
+
+def worker_optimizer(job):
+    """bert4k's Adam (TensorFlow's fused ResourceApplyAdam kernel) against Keras's optimizers and
+    against itself with the kernel turned off: one update of a model's trainable variables (fixed
+    dense gradients), the optimizers' calls interleaved; then whole training steps of the
+    classifier with `extend_with_weight_decay(Adam)`, kernel on and off, interleaved."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from bert4k import optimizers as O
+
+    class KernelOff(O.Adam):
+        def _takes_fused_kernel(self, variable):
+            return False
+
+    AdamW = O.extend_with_weight_decay(O.Adam, name="BenchAdamW")
+    AdamWKernelOff = O.extend_with_weight_decay(KernelOff, name="BenchAdamWKernelOff")
+    decay = dict(weight_decay_rate=0.01, exclude_from_weight_decay=["Norm", "bias"])
+    runner = KerasRunner(dict(job, variant="bert4k-tf-graph", impl="bert4k", mode="graph",
+                              precision="float32"))
+    variables = runner.build(pooled=True).trainable_variables
+    rng = np.random.RandomState(0)
+    gradients = [tf.constant(rng.normal(0, 1e-3, v.shape).astype("float32")) for v in variables]
+    optimizers = {
+        "keras.optimizers.Adam": keras.optimizers.Adam(2e-5),
+        "keras.optimizers.AdamW": keras.optimizers.AdamW(2e-5),
+        "bert4k Adam": O.Adam(2e-5),
+        "bert4k Adam, kernel off": KernelOff(2e-5),
+        "bert4k extend_with_weight_decay(Adam)": AdamW(2e-5, **decay),
+    }
+    updates = {}
+    for name, optimizer in optimizers.items():
+        optimizer.build(variables)
+        updates[name] = tf.function(lambda optimizer=optimizer: optimizer.apply(gradients, variables))
+    parameters = sum(int(np.prod(v.shape)) for v in variables)
+    for name, times in measure_interleaved(updates, **job["timing"]).items():
+        emit(dict(kind="optimizer_update", optimizer=name, model=job["model"], parameters=parameters,
+                  **times))
+    batch, length = job["train"]
+    tokens, segments, labels = make_inputs(batch, length)
+    steps = {}
+    for name, optimizer_class in (("kernel on", AdamW), ("kernel off", AdamWKernelOff)):
+        model = runner.classifier(optimizer_class(2e-5, **decay))
+        steps[name] = lambda model=model: model.train_on_batch([tokens, segments], labels)
+    for name, times in measure_interleaved(steps, **job["timing"]).items():
+        emit(dict(kind="optimizer_step", kernel=name, model=job["model"], batch=batch,
+                  length=length, **times, tokens_per_s=batch * length / times["seconds"]))
 
 
 def worker_scaling(job):
@@ -702,7 +751,7 @@ def worker_versions(job):
 
 def run_worker(job):
     {"model": worker_model, "group": worker_group, "scaling": worker_scaling, "peak": worker_peak,
-     "generator_fit": worker_generator_fit,
+     "generator_fit": worker_generator_fit, "optimizer": worker_optimizer,
      "tokenizer": worker_tokenizer, "pretraining": worker_pretraining, "assets": worker_assets,
      "versions": worker_versions}[job["job"]](job)
 
