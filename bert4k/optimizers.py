@@ -168,9 +168,9 @@ class Adam(keras.optimizers.Adam):
     On TensorFlow the update is one ``ResourceApplyAdam`` kernel per variable (the same formula,
     one multithreaded pass over the variable, its moments and its gradient) where Keras's
     element-wise ops make about a dozen passes: 111 ms against 570 ms for BERT-base's 109 M
-    parameters on a 2-core AVX2 CPU (`scripts/benchmark.py --training`; README, Performance). It is skipped where the update must go through
-    ``self.assign*`` (an extension that overrides them, e.g. gradient accumulation), with
-    ``amsgrad`` and for float16 / bfloat16 variables.
+    parameters on a 2-core AVX2 CPU (``scripts/benchmark.py --training``; README, Performance).
+    It is skipped where the update must go through ``self.assign*`` (an extension that overrides
+    them, e.g. gradient accumulation), with ``amsgrad`` and for float16 / bfloat16 variables.
     """
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-6,
