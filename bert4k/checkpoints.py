@@ -1099,6 +1099,8 @@ def checkpoint_variables(model, family="bert", layout="google", prefix=""):
         name, steps = found
         part = steps[-1].part if steps and isinstance(steps[-1], Split) else 0
         value = np.asarray(weight.numpy())
+        if value.dtype.name in ("bfloat16", "float16"):  # a model built to predict in half
+            value = value.astype(np.float32)  # precision: its files are read as any BERT's
         stored = parts.setdefault(name, (steps, {}))[1]
         if part in stored and not np.array_equal(stored[part], value):
             # Several weights read from one variable (ALBERT read unshared) and have diverged.

@@ -69,11 +69,13 @@ class Transformer:
             `additional_input_layers` (the keras.Input(s) it comes from) appended to the
             model's inputs. layer_norm_cond_hidden_size/_act: a projection of the condition
             first.
-        dtype_policy: a Keras dtype policy for the model's layers, e.g. 'mixed_bfloat16':
-            weights float32, matmuls in bfloat16, while the residual stream (LayerNorm, the
-            residual adds, dropout), softmax activations and the model's outputs stay float32
-            (see `layer_dtype`). None: Keras's global policy (keras.config.set_dtype_policy),
-            treated the same way.
+        dtype_policy: a Keras dtype policy for the model's layers. 'mixed_bfloat16' (to
+            train): weights float32, matmuls in bfloat16. 'bfloat16' (to predict): the same
+            matmuls, with their weights stored in bfloat16 (no cast of every kernel at every
+            call; half the memory; too coarse to take small updates). Under either, the
+            residual stream (LayerNorm, the residual adds, dropout), softmax activations and
+            the model's outputs stay float32 (see `layer_dtype`). None: Keras's global policy
+            (keras.config.set_dtype_policy), treated the same way.
         attention_implementation: 'auto', 'fused' or 'explicit' (layers.MultiHeadAttention):
             keras.ops.dot_product_attention where the attention allows it, or the einsums.
         """
@@ -156,7 +158,7 @@ class Transformer:
             x = self.apply_main_layers(x, index)
         return self.cast_outputs(self.apply_final_layers(x))
 
-    # Layers that only add, normalise, drop or squash: under a mixed policy they run in float32,
+    # Layers that only add, normalise, drop or squash: under a bf16/fp16 policy they run in float32,
     # so the residual stream between blocks keeps float32 precision (as torch.autocast leaves
     # additions and norms in float32). The matmul layers take their float32 inputs cast to
     # bfloat16 (Keras casts a layer's float inputs to its compute dtype), which costs a few cheap
@@ -165,23 +167,23 @@ class Transformer:
     # to 0.045 and the mean one from 0.0017 to 0.0023 (outputs up to 6.1 in magnitude).
     FLOAT32_LAYERS = (L.LayerNormalization, keras.layers.Add, keras.layers.Dropout, L.Activation)
 
-    def mixed_policy(self):
-        """The policy in effect (ours or Keras's global one) if it is mixed, else None."""
+    def half_precision_policy(self):
+        """The policy in effect (ours or Keras's global one) if it computes in bfloat16 or
+        float16, mixed or not, else None."""
         policy = keras.dtype_policies.get(self.dtype_policy or keras.config.dtype_policy())
-        return policy if policy.compute_dtype != policy.variable_dtype else None
+        return policy if policy.compute_dtype in ("bfloat16", "float16") else None
 
     def layer_dtype(self, layer):
         """The dtype policy a new layer of class `layer` gets (None: Keras's global one)."""
-        policy = self.mixed_policy()
-        if policy is not None and isinstance(layer, type) and issubclass(layer,
-                                                                         self.FLOAT32_LAYERS):
-            return policy.variable_dtype
+        if (self.half_precision_policy() is not None and isinstance(layer, type)
+                and issubclass(layer, self.FLOAT32_LAYERS)):
+            return "float32"
         return self.dtype_policy
 
     def cast_outputs(self, outputs):
-        """Under a mixed policy, the outputs as float32 (Keras's mixed-precision guide): users,
-        losses and metrics get float32 tensors. Nothing for outputs that are float32 already."""
-        if self.mixed_policy() is None:
+        """Under a half-precision policy, the outputs as float32 (Keras's mixed-precision
+        guide): users, losses and metrics get float32 tensors. Nothing for float32 outputs."""
+        if self.half_precision_policy() is None:
             return outputs
         many = isinstance(outputs, (list, tuple))
         cast = []

@@ -213,31 +213,63 @@ def test_mixed_bfloat16_model_trains(tiny_config):
     assert all(changed)
 
 
+def test_bfloat16_policy_stores_matmul_weights_in_bfloat16_and_predicts_as_mixed(tiny_config,
+                                                                                 tmp_path):
+    from bert4k.checkpoints import save_weights_as_safetensors
+
+    mixed = build_transformer_model(with_mlm=True, dtype_policy="mixed_bfloat16", **tiny_config)
+    path = tmp_path / "model.safetensors"
+    save_weights_as_safetensors(mixed, path)
+    model = build_transformer_model(checkpoint_path=path, with_mlm=True, dtype_policy="bfloat16",
+                                    **tiny_config)
+    dtypes = {w.path: w.dtype for w in model.weights}
+    assert dtypes["Transformer-0-FeedForward/i0_dense/kernel"] == "bfloat16"
+    assert dtypes["Embedding-Token/embeddings"] == "bfloat16"
+    assert dtypes["Transformer-0-FeedForward-Norm/gamma"] == "float32"
+    for name in ("Transformer-0-MultiHeadSelfAttention-Norm", "Transformer-0-FeedForward-Add",
+                 "MLM-Activation"):
+        assert model.get_layer(name).compute_dtype == "float32", name
+    # The same bf16 matmuls on the same float32 stream as mixed_bfloat16: the kernels are only
+    # rounded once, when loaded, instead of at every call.
+    ids = np.random.default_rng(0).integers(1, 120, size=(2, 8)).astype("int32")
+    inputs = [ids, np.zeros_like(ids)]
+    expected, probabilities = mixed.predict(inputs, verbose=0), model.predict(inputs, verbose=0)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+    # Written back as float32, as every reader of these formats expects.
+    save_weights_as_safetensors(model, tmp_path / "again.safetensors")
+    reloaded = build_transformer_model(checkpoint_path=tmp_path / "again.safetensors",
+                                       with_mlm=True, **tiny_config)
+    for weight, original in zip(reloaded.weights, model.weights):
+        assert weight.dtype == "float32"
+        np.testing.assert_array_equal(numpy(weight), numpy(original).astype("float32"))
+
+
 @pytest.mark.slow
-def test_mixed_bfloat16_minilm_is_close_to_float32_and_transformers(minilm_dir,
-                                                                     minilm_reference):
+def test_bfloat16_minilm_is_close_to_float32_and_transformers(minilm_dir, minilm_reference):
     ids, segments = minilm_reference["token_ids"], minilm_reference["segment_ids"]
     expected = minilm_reference["sequence_output"]  # transformers (torch, float32)
     outputs = {}
-    for policy in ("float32", "mixed_bfloat16"):
+    for policy in ("float32", "mixed_bfloat16", "bfloat16"):
         model = build_transformer_model(minilm_dir / "config.json", minilm_dir,
                                         dtype_policy=policy, attention_implementation="fused")
         outputs[policy] = numpy(model.predict([ids, segments], verbose=0))
     real = ids > 0
-    float32, bfloat16 = outputs["float32"][real], outputs["mixed_bfloat16"][real]
+    float32 = outputs.pop("float32")
     scale = np.abs(expected[real]).max()
-    np.testing.assert_allclose(float32, expected[real], atol=1e-4)
+    np.testing.assert_allclose(float32[real], expected[real], atol=1e-4)
     # bf16 keeps 8 bits of mantissa: every matmul input is rounded to 2^-9 relative. Against
     # float32 and against transformers, the largest difference stays under 1% of the largest
     # output; sentence embeddings (mean pooling) agree to a cosine of 0.9995 (measured: above
     # 0.9999 with AMX bf16 kernels, 0.99987 on an AVX2-only CPU whose kernels round more).
-    assert np.abs(bfloat16 - float32).max() < 1e-2 * scale
-    assert np.abs(bfloat16 - expected[real]).max() < 1e-2 * scale
     mask = real[..., None]
-    pooled = [(outputs[p] * mask).sum(1) / mask.sum(1) for p in ("float32", "mixed_bfloat16")]
-    cosine = (pooled[0] * pooled[1]).sum(-1) / np.linalg.norm(pooled[0], axis=-1) / np.linalg.norm(
-        pooled[1], axis=-1)
-    assert cosine.min() > 0.9995
+    pooled = lambda x: (x * mask).sum(1) / mask.sum(1)  # noqa: E731
+    for policy, bfloat16 in outputs.items():
+        assert np.abs(bfloat16[real] - float32[real]).max() < 1e-2 * scale, policy
+        assert np.abs(bfloat16[real] - expected[real]).max() < 1e-2 * scale, policy
+        a, b = pooled(bfloat16), pooled(float32)
+        cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cosine.min() > 0.9995, policy
 
 
 # -- bucketed lengths for XLA -------------------------------------------------------------------
