@@ -528,14 +528,18 @@ class MultiHeadAttention(keras.layers.Layer):
         if rotary_embeddings is not None:
             sinusoidal = ops.expand_dims(ops.cast(rotary_embeddings, qw.dtype), -2)
             qw, kw = K.apply_rotary(qw, sinusoidal), K.apply_rotary(kw, sinusoidal)
-        keys = "bknd"  # the layout of kw and vw
         if cache is not None:
             # The buffers may be float32 under a bf16 policy: attend in the compute dtype.
             kw, vw = (ops.cast(x, qw.dtype) for x in cache.update(kw, vw))
-            keys = "bnkd"
+            scores = ops.einsum("bqnd,bnkd->bnqk", qw, kw)
         elif self.uses_fused_path(training, relative_embeddings, residual_scores, return_scores):
             return self._output(self._fused_attention(qw, kw, vw, bias, position_bias))
-        scores = ops.einsum(f"bqnd,{keys}->bnqk", qw, kw)
+        else:
+            # Head-major copies, so both attention products are plain batched matmuls. On
+            # TensorFlow the einsums transposed inside, slower: MiniLM's attention at 8x128 took
+            # 1.8 ms a layer against 1.4, and a 16x128 training step 4% longer.
+            vw = ops.transpose(vw, (0, 2, 1, 3))  # [batch, heads, keys, size]
+            scores = ops.matmul(ops.transpose(qw, (0, 2, 1, 3)), ops.transpose(kw, (0, 2, 3, 1)))
         if relative_embeddings is not None:
             relative = ops.cast(relative_embeddings, qw.dtype)
             # [q, k, d], or [batch, q, k, d] in a cached step (each row at its own positions)
@@ -554,7 +558,7 @@ class MultiHeadAttention(keras.layers.Layer):
         probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), vw.dtype)
         if self.dropout is not None:
             probs = self.dropout(probs, training=training)
-        out = ops.einsum(f"bnqk,{keys}->bqnd", probs, vw)
+        out = ops.transpose(ops.matmul(probs, vw), (0, 2, 1, 3))  # [batch, length, heads, size]
         if relative_embeddings is not None:
             out = out + ops.einsum(f"bnqk,{table}->bqnd", probs, ops.cast(relative, probs.dtype))
         out = self._output(out)

@@ -146,7 +146,7 @@ class KerasRunner:
     def compile_options(self):
         return dict(jit_compile=self.mode == "xla", run_eagerly=self.mode == "eager")
 
-    def build(self, pooled=False, dropout=True):
+    def build(self, pooled=False, dropout=True, training=False):
         """The encoder: [token ids, segment ids] -> sequence output, or the pooled output."""
         keras = self.keras
         if self.impl == "bert4k":
@@ -155,8 +155,8 @@ class KerasRunner:
             extra = {} if dropout else dict(dropout_rate=0.0, attention_dropout_rate=0.0)
             if self.job.get("hierarchical"):
                 extra["hierarchical_position"] = True
-            if self.job["precision"] == "bfloat16":  # the builder's option, as the README shows
-                extra["dtype_policy"] = "mixed_bfloat16"
+            if self.job["precision"] == "bfloat16":  # the builder's options, as the README shows
+                extra["dtype_policy"] = "mixed_bfloat16" if training else "bfloat16"
             if self.job["variant"] in EXPLICIT_ATTENTION:
                 extra["attention_implementation"] = "explicit"
             return build_transformer_model(self.directory / "config.json", self.directory,
@@ -191,7 +191,7 @@ class KerasRunner:
     def classifier(self, optimizer=None):
         """pooled [CLS] -> Dense(2) softmax, compiled for training (default: Keras's AdamW)."""
         keras = self.keras
-        encoder = self.build(pooled=True)
+        encoder = self.build(pooled=True, training=True)
         probabilities = keras.layers.Dense(2, activation="softmax", name="Classifier")(encoder.output)
         model = keras.Model(encoder.inputs, probabilities)
         optimizer = optimizer or keras.optimizers.AdamW(learning_rate=2e-5)
@@ -434,7 +434,7 @@ def worker_optimizer(job):
     decay = dict(weight_decay_rate=0.01, exclude_from_weight_decay=["Norm", "bias"])
     runner = KerasRunner(dict(job, variant="bert4k-tf-graph", impl="bert4k", mode="graph",
                               precision="float32"))
-    variables = runner.build(pooled=True).trainable_variables
+    variables = runner.build(pooled=True, training=True).trainable_variables
     rng = np.random.RandomState(0)
     gradients = [tf.constant(rng.normal(0, 1e-3, v.shape).astype("float32")) for v in variables]
     optimizers = {
