@@ -316,7 +316,7 @@ class Transformer:
         h = self.apply_norm(x, before) if before else x
         h = sublayer_inputs(h) if sublayer_inputs else h
         h = self.apply(h, layer, arguments, name=name, **settings)
-        h = self.apply(h, keras.layers.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
+        h = self.apply(h, L.Dropout, rate=self.dropout_rate, name=f"{name}-Dropout")
         h = self.apply([x, h], keras.layers.Add, name=f"{name}-Add")
         return self.apply_norm(h, after) if after else h
 
@@ -405,7 +405,7 @@ class BERT(Transformer):
             x = self.apply([x, s], keras.layers.Add, name="Embedding-Token-Segment")
         x = self.apply_position_embeddings(x)
         x = self.apply_norm(x, "Embedding-Norm")
-        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Embedding-Dropout")
+        x = self.apply(x, L.Dropout, rate=self.dropout_rate, name="Embedding-Dropout")
         if self.embedding_size != self.hidden_size:
             x = self.apply(x, keras.layers.Dense, units=self.hidden_size, use_bias=self.use_bias,
                            kernel_initializer=self.initializer, name="Embedding-Mapping")
@@ -550,7 +550,7 @@ class RoFormerV2(RoFormer):
         if self.embedding_size != self.hidden_size:
             x = self.apply(x, keras.layers.Dense, units=self.embedding_size, use_bias=False,
                            kernel_initializer=self.initializer, name="Output-Mapping")
-        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Output-MLM-Dropout")
+        x = self.apply(x, L.Dropout, rate=self.dropout_rate, name="Output-MLM-Dropout")
         x = self.apply(x, arguments={"mode": "dense"}, name="Embedding-Token")
         activation = "softmax" if self.with_mlm is True else self.with_mlm
         return self.apply(x, L.Activation, activation=activation, name="Output-MLM-Activation")
@@ -613,7 +613,7 @@ class GPT(Transformer):
                             name=self.prefix + "Input-Token")]
 
     def apply_embeddings(self, inputs):
-        return self.apply(self.embed_tokens_and_positions(inputs[0]), keras.layers.Dropout,
+        return self.apply(self.embed_tokens_and_positions(inputs[0]), L.Dropout,
                           rate=self.dropout_rate, name="Embedding-Dropout")
 
     def embed_tokens_and_positions(self, token_ids):
@@ -644,7 +644,7 @@ class GPT2(GPT):
 
     def apply_final_layers(self, x):
         x = self.apply_norm(x, "Output-Norm")
-        x = self.apply(x, keras.layers.Dropout, rate=self.dropout_rate, name="Output-Dropout")
+        x = self.apply(x, L.Dropout, rate=self.dropout_rate, name="Output-Dropout")
         return self.apply_lm(x)
 
 
@@ -661,7 +661,7 @@ class GPT2_ML(GPT):
 
     def apply_embeddings(self, inputs):
         x = self.apply_norm(self.embed_tokens_and_positions(inputs[0]), "Embedding-Norm")
-        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
+        return self.apply(x, L.Dropout, rate=self.dropout_rate,
                           name="Embedding-Dropout")
 
     def apply_main_layers(self, x, index):
@@ -736,12 +736,12 @@ class T5Base(Transformer):
         x = self.apply(token_ids, L.Embedding, input_dim=self.vocab_size,
                        output_dim=self.hidden_size, embeddings_initializer=self.initializer,
                        name="Embedding-Token")
-        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
+        return self.apply(x, L.Dropout, rate=self.dropout_rate,
                           name=f"{self.stack}-Embedding-Dropout")
 
     def apply_output_norm(self, x):
         x = self.apply_norm(x, f"{self.stack}-Output-Norm")
-        return self.apply(x, keras.layers.Dropout, rate=self.dropout_rate,
+        return self.apply(x, L.Dropout, rate=self.dropout_rate,
                           name=f"{self.stack}-Output-Dropout")
 
 

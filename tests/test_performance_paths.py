@@ -1,5 +1,5 @@
 """The fast paths: fused attention (keras.ops.dot_product_attention) against the explicit einsums
-and a NumPy reference, attention dropout in training, bf16 mixed precision against float32 and
+and a NumPy reference, attention dropout in training, dropout's masks, bf16 mixed precision against float32 and
 transformers' outputs on the real MiniLM, bucketed padding, projections as single matmuls, Adam's
 fused kernel.
 Speed itself is measured by scripts/benchmark.py, never here."""
@@ -165,6 +165,41 @@ def test_attention_dropout_in_training_takes_the_explicit_path(fused_calls):
     single = np.abs(trained[0] - inference).mean()
     average = np.abs(np.mean(trained, axis=0) - inference).mean()
     assert single > 0.05 and average < single / 5
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_keeps_each_value_independently_with_probability_one_minus_rate(rate):
+    """The layer every bert4k model drops with (16 random bits a value on TensorFlow), checked
+    against the Bernoulli(1 - rate) it must be: counts within 5 standard deviations."""
+    x = np.random.default_rng(0).uniform(1, 2, size=(2, 3, 333, 335)).astype("float32")  # odd
+    layer = L.Dropout(rate)
+    first, second = (numpy(layer(x, training=True)) for _ in range(2))
+    np.testing.assert_array_equal(numpy(layer(x)), x)  # inference: untouched
+    n, keep = x.size, 1 - rate
+    for out in (first, second):
+        kept = out != 0
+        np.testing.assert_allclose(out[kept], x[kept] / keep, rtol=1e-6)  # inverted scaling
+        assert abs(kept.mean() - keep) < 5 * math.sqrt(rate * keep / n)
+    both = ((first != 0) & (second != 0)).mean()  # calls draw fresh masks
+    assert abs(both - keep**2) < 5 * math.sqrt(keep**2 * (1 - keep**2) / n)
+    # The two halves of one random word decide neighbouring values: no correlation between them.
+    flat = (first != 0).reshape(-1).astype("float64")
+    pairs = np.corrcoef(flat[0:-1:2], flat[1::2])[0, 1]
+    assert abs(pairs) < 5 / math.sqrt(n / 2)
+
+
+@pytest.mark.tensorflow_only("a traced step with an unknown batch and under XLA")
+def test_dropout_in_a_compiled_function_with_unknown_shape():
+    import tensorflow as tf
+
+    layer = L.Dropout(0.25)
+    spec = tf.TensorSpec([None, 7], tf.float32)
+    for jit in (False, True):
+        step = tf.function(lambda x: layer(x, training=True), input_signature=[spec],
+                           jit_compile=jit)
+        out = step(tf.ones([3001, 7])).numpy()  # an odd size
+        assert set(np.unique(out)) == {0.0, np.float32(1 / 0.75)}
+        assert abs((out == 0).mean() - 0.25) < 0.03
 
 
 def test_attention_implementation_is_checked_and_serialized():
