@@ -434,8 +434,9 @@ class MultiHeadAttention(keras.layers.Layer):
     dropout, no output of the logits and no term beside the bias, so a call that needs one of
     them (dropout while training, NEZHA's relative embeddings, RealFormer's residual scores,
     key_size != head_size) takes the explicit path whatever the setting. 'auto' (the default) is
-    'fused': `scripts/benchmark.py` measured it as fast as the explicit path on TensorFlow CPU
-    (the same ops), and it is the fast kernel on the other backends.
+    'fused' on JAX and PyTorch, where it is the fast kernel, and 'explicit' on TensorFlow, where
+    Keras's einsums transpose inside and the explicit path's batched matmuls were faster
+    (`scripts/benchmark.py`, MiniLM in graph mode: x1.05-1.08).
     """
 
     IMPLEMENTATIONS = ("auto", "fused", "explicit")
@@ -573,7 +574,10 @@ class MultiHeadAttention(keras.layers.Layer):
     def uses_fused_path(self, training=None, relative_embeddings=None, residual_scores=None,
                         return_scores=False):
         """Whether a call with these arguments goes through keras.ops.dot_product_attention."""
-        if self.attention_implementation == "explicit":
+        implementation = self.attention_implementation
+        if implementation == "auto":
+            implementation = "explicit" if keras.backend.backend() == "tensorflow" else "fused"
+        if implementation == "explicit":
             return False
         needs_logits = return_scores or residual_scores is not None
         needs_value_term = relative_embeddings is not None  # NEZHA: sum_k p_qk r_qk

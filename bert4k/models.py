@@ -77,7 +77,8 @@ class Transformer:
             the model's outputs stay float32 (see `layer_dtype`). None: Keras's global policy
             (keras.config.set_dtype_policy), treated the same way.
         attention_implementation: 'auto', 'fused' or 'explicit' (layers.MultiHeadAttention):
-            keras.ops.dot_product_attention where the attention allows it, or the einsums.
+            keras.ops.dot_product_attention where the attention allows it, or bert4k's own
+            batched matmuls; 'auto' takes the faster on the backend.
         """
         application = application or self.default_application
         if application not in APPLICATIONS:

@@ -28,12 +28,12 @@ What is measured and how:
 * Inference: Keras models (bert4k, keras-hub, bert4keras) through `model.predict_on_batch` after
   `model.compile(jit_compile=..., run_eagerly=...)`: eager (run_eagerly), graph (tf.function, no
   XLA) or XLA (jit_compile=True; JAX always compiles); transformers' BertModel (SDPA attention)
-  under torch.inference_mode(). bert4k's attention is its default (keras.ops.dot_product_attention);
-  the '-explicit' variants run its explicit einsums instead. '-bf16': bert4k built with
-  dtype_policy='bfloat16' to predict (weights stored in bf16) and 'mixed_bfloat16' to train
-  (other Keras peers: keras.config.set_dtype_policy('mixed_bfloat16')); TensorFlow's graph mode
-  runs bf16 matmuls through oneDNN (AVX512_BF16 or AMX), while its XLA has no fast bf16 kernel
-  on a CPU. Warm-up calls (the first one compiles: its time is reported as
+  under torch.inference_mode(). bert4k's attention is its default ('auto': on TensorFlow its own
+  batched matmuls); the '-fused' variants run keras.ops.dot_product_attention instead. '-bf16':
+  bert4k built with dtype_policy='bfloat16' to predict (weights stored in bf16) and
+  'mixed_bfloat16' to train (other Keras peers: keras.config.set_dtype_policy('mixed_bfloat16'));
+  TensorFlow's graph mode runs bf16 matmuls through oneDNN (AVX512_BF16 or AMX), while its XLA
+  has no fast bf16 kernel on a CPU. Warm-up calls (the first one compiles: its time is reported as
   'first call'), then timed calls until --min-time seconds and at least --min-reps calls; the
   median (--statistic) is the time. tokens/s = batch * length / time. The process's CPU time per
   call / wall time is reported as 'cores busy' (2 = both cores; less: the work did not spread, or

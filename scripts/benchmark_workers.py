@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmark_plan import CACHE, EXPLICIT_ATTENTION, MODELS, RESULT_PREFIX, VOCAB_SIZE, model_dir
+from benchmark_plan import CACHE, FUSED_ATTENTION, MODELS, RESULT_PREFIX, VOCAB_SIZE, model_dir
 
 ENGLISH_MODULES = [
     "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
@@ -157,8 +157,8 @@ class KerasRunner:
                 extra["hierarchical_position"] = True
             if self.job["precision"] == "bfloat16":  # the builder's options, as the README shows
                 extra["dtype_policy"] = "mixed_bfloat16" if training else "bfloat16"
-            if self.job["variant"] in EXPLICIT_ATTENTION:
-                extra["attention_implementation"] = "explicit"
+            if self.job["variant"] in FUSED_ATTENTION:
+                extra["attention_implementation"] = "fused"
             return build_transformer_model(self.directory / "config.json", self.directory,
                                            with_pool=pooled, **extra)
         if self.impl == "bert4keras":

@@ -1,5 +1,5 @@
-"""The fast paths: fused attention (keras.ops.dot_product_attention) against the explicit einsums
-and a NumPy reference, attention dropout in training, dropout's masks, bf16 mixed precision against float32 and
+"""The fast paths: fused attention (keras.ops.dot_product_attention) against the explicit matmuls
+and a NumPy reference, attention dropout in training, dropout's masks, bf16 against float32 and
 transformers' outputs on the real MiniLM, bucketed padding, projections as single matmuls, Adam's
 fused kernel.
 Speed itself is measured by scripts/benchmark.py, never here."""
@@ -200,6 +200,12 @@ def test_dropout_in_a_compiled_function_with_unknown_shape():
         out = step(tf.ones([3001, 7])).numpy()  # an odd size
         assert set(np.unique(out)) == {0.0, np.float32(1 / 0.75)}
         assert abs((out == 0).mean() - 0.25) < 0.03
+
+
+def test_auto_attention_is_explicit_on_tensorflow_and_fused_elsewhere(fused_calls):
+    x = np.random.default_rng(4).standard_normal((2, 5, 16)).astype("float32")
+    L.MultiHeadAttention(heads=2, head_size=8)([x, x, x])
+    assert len(fused_calls) == (0 if keras.backend.backend() == "tensorflow" else 1)
 
 
 def test_attention_implementation_is_checked_and_serialized():
