@@ -436,7 +436,7 @@ class MultiHeadAttention(keras.layers.Layer):
     key_size != head_size) takes the explicit path whatever the setting. 'auto' (the default) is
     'fused' on JAX and PyTorch, where it is the fast kernel, and 'explicit' on TensorFlow, where
     Keras's einsums transpose inside and the explicit path's batched matmuls were faster
-    (`scripts/benchmark.py`, MiniLM in graph mode: x1.05-1.08).
+    (`scripts/benchmark.py`, MiniLM 8x128 in graph mode: x1.04-1.08).
     """
 
     IMPLEMENTATIONS = ("auto", "fused", "explicit")
