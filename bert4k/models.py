@@ -168,15 +168,15 @@ class Transformer:
     # to 0.045 and the mean one from 0.0017 to 0.0023 (outputs up to 6.1 in magnitude).
     FLOAT32_LAYERS = (L.LayerNormalization, keras.layers.Add, keras.layers.Dropout, L.Activation)
 
-    def half_precision_policy(self):
-        """The policy in effect (ours or Keras's global one) if it computes in bfloat16 or
-        float16, mixed or not, else None."""
+    def computes_in_half_precision(self):
+        """Whether the policy in effect (ours or Keras's global one) computes in bfloat16 or
+        float16, mixed or not."""
         policy = keras.dtype_policies.get(self.dtype_policy or keras.config.dtype_policy())
-        return policy if policy.compute_dtype in ("bfloat16", "float16") else None
+        return policy.compute_dtype in ("bfloat16", "float16")
 
     def layer_dtype(self, layer):
         """The dtype policy a new layer of class `layer` gets (None: Keras's global one)."""
-        if (self.half_precision_policy() is not None and isinstance(layer, type)
+        if (self.computes_in_half_precision() and isinstance(layer, type)
                 and issubclass(layer, self.FLOAT32_LAYERS)):
             return "float32"
         return self.dtype_policy
@@ -184,7 +184,7 @@ class Transformer:
     def cast_outputs(self, outputs):
         """Under a half-precision policy, the outputs as float32 (Keras's mixed-precision
         guide): users, losses and metrics get float32 tensors. Nothing for float32 outputs."""
-        if self.half_precision_policy() is None:
+        if not self.computes_in_half_precision():
             return outputs
         many = isinstance(outputs, (list, tuple))
         cast = []
