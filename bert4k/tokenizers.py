@@ -16,7 +16,6 @@ import tempfile
 import unicodedata
 from itertools import chain
 
-import sentencepiece
 
 _CJK_RANGES = (
     (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
@@ -525,6 +524,8 @@ class SpTokenizer(TokenizerBase):
     def __init__(self, sp_model_path, token_start=None, token_end='</s>', **kwargs):
         if not os.path.isfile(sp_model_path):
             raise FileNotFoundError(f'sentencepiece model not found: {os.fspath(sp_model_path)!r}')
+        import sentencepiece  # here: WordPiece users need not load it
+
         self.sp_model = sentencepiece.SentencePieceProcessor(model_file=os.fspath(sp_model_path))
         self._vocab_size = self.sp_model.get_piece_size()
         for name, model_id in (('token_pad', self.sp_model.pad_id()), ('token_unk', self.sp_model.unk_id())):

@@ -66,7 +66,7 @@ What is measured and how:
 * Scaling: bert4k (--scaling-variant) with hierarchical positions, sequence length 128 -> 1024 at a
   fixed batch, then batch 1 -> 64 at length 128.
 * Tokenizers: one pass of `encode` per string (batch call for the Rust tokenizer as well), fresh
-  tokenizer each pass, median of passes; over the bundled Chinese sentiment corpus (train split)
+  tokenizer each pass, median of at least --tokenizer-passes passes and --min-time seconds; over the bundled Chinese sentiment corpus (train split)
   and English text (docstrings of Python's standard library, a fixed module list), with
   MiniLM's uncased vocabulary. ids are compared with transformers' Python BertTokenizer.
 * Pretraining: `pretraining.data_utils.prepare` (documents/s into TFRecords, MLM, whole-word
@@ -249,8 +249,12 @@ class Driver:
             for name, env in TOKENIZERS.items():
                 job = dict(job="tokenizer", tokenizer=name, corpora=["sentiment", "english"],
                            corpus_files=corpora, ids_dir=str(ids_dir), passes=a.tokenizer_passes,
-                           limit=a.tokenizer_limit)
+                           min_time=a.min_time, limit=a.tokenizer_limit)
                 self.run(env, job, f"tokenizer-{name}")
+            # bert4k's and bert4keras's passes interleaved in one process (bert4keras's
+            # environment; bert4k from PYTHONPATH): a ratio that load from elsewhere cannot tilt.
+            self.run("bert4keras", dict(job, tokenizer=["bert4k", "bert4keras"]),
+                     "tokenizer-head-to-head")
         if a.pretraining and corpora:
             job = dict(job="pretraining", model=a.pretraining_model, work_dir=str(BENCH / "pretraining"),
                        corpus_file=corpora["sentiment"], documents=a.pretraining_documents,
@@ -328,7 +332,9 @@ def parse_args(argv=None):
     p.add_argument("--scaling-models", help="default minilm")
     p.add_argument("--scaling-batch", type=int, default=4, help="batch of the length sweep")
     p.add_argument("--optimizer-models", help="models of the optimizer measurement (default: --models)")
-    p.add_argument("--tokenizer-passes", type=int, help="default 2, quick 1")
+    p.add_argument("--tokenizer-passes", type=int,
+                   help="encode passes per corpus at least, and --min-time seconds of them "
+                        "(default 2, quick 1)")
     p.add_argument("--tokenizer-limit", type=int, help="strings per corpus (default all; quick 2000)")
     p.add_argument("--pretraining-model", default="minilm", choices=sorted(MODELS))
     p.add_argument("--pretraining-steps", type=int, help="default 8, quick 4")

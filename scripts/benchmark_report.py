@@ -271,8 +271,8 @@ class Report:
 
     def tokenizer_table(self):
         rows = ["### Tokenizers (MiniLM uncased vocab; encode with [CLS]/[SEP])", "",
-                "| tokenizer | corpus | strings | strings/s | characters/s | vs bert4keras "
-                "| ids differing from transformers Python |", "|---|---|---:|---:|---:|---:|---:|"]
+                "| tokenizer | corpus | strings | passes | strings/s | characters/s | vs bert4keras "
+                "| ids differing from transformers Python |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         import json as _json
 
         ids_cache = {}
@@ -293,8 +293,16 @@ class Report:
                     differing = f"{differing} / {r['strings']}"
                 else:
                     differing = "-"
-                rows.append(f"| {r['tokenizer']} | {corpus} | {r['strings']} | {fmt(r['strings_per_s'])} "
+                rows.append(f"| {r['tokenizer']} | {corpus} | {r['strings']} | {r.get('passes', '-')} "
+                            f"| {fmt(r['strings_per_s'])} "
                             f"| {fmt(r['chars_per_s'])} | {speedup} | {differing} |")
+            baseline = self.one(kind="tokenizer-headtohead", tokenizer="bert4keras", corpus=corpus)
+            for r in self.select(kind="tokenizer-headtohead", corpus=corpus):
+                speedup = f"x{r['strings_per_s'] / baseline['strings_per_s']:.2f}" if baseline else "-"
+                rows.append(f"| {r['tokenizer']}, head to head | {corpus} | {r['strings']} "
+                            f"| {r['passes']} | {fmt(r['strings_per_s'])} | {fmt(r['chars_per_s'])} "
+                            f"| {speedup} | - |")
+        rows += ["", "'head to head': bert4k's and bert4keras's passes interleaved in one process."]
         return "\n".join(rows)
 
     def pretraining_table(self):
@@ -395,6 +403,11 @@ class Report:
             if mine and old:
                 ratio = mine["strings_per_s"] / old["strings_per_s"]
                 row(f"tokenizer >= 3x bert4keras ({corpus})", f"x{ratio:.2f}", ratio >= 3)
+            pair = [self.one(kind="tokenizer-headtohead", tokenizer=name, corpus=corpus)
+                    for name in ("bert4k", "bert4keras")]
+            if all(pair):
+                ratio = pair[0]["strings_per_s"] / pair[1]["strings_per_s"]
+                row(f"tokenizer >= 3x bert4keras ({corpus}), head to head", f"x{ratio:.2f}", ratio >= 3)
             if mine and hf:
                 ratio = mine["strings_per_s"] / hf["strings_per_s"]
                 same = json.loads(Path(mine["ids_file"]).read_text()) == json.loads(Path(hf["ids_file"]).read_text())

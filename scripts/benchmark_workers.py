@@ -545,57 +545,71 @@ def worker_peak(job):
         emit(dict(kind="peak", env=env, **record))
 
 
-def worker_tokenizer(job):
-    """One encode pass over each corpus with a fresh tokenizer; ids written for comparison."""
-    vocab = str(model_dir("minilm") / "vocab.txt")
-    name = job["tokenizer"]
-    if name == "bert4k":
-        from bert4k.tokenizers import Tokenizer
+def tokenizer_makers(name, vocab):
+    """[(label, make)]: make() builds a fresh tokenizer and returns its encode(texts) -> ids."""
+    if name in ("bert4k", "bert4keras"):
+        if name == "bert4k":
+            from bert4k.tokenizers import Tokenizer
+        else:
+            from bert4keras.tokenizers import Tokenizer
 
         def make():
             tokenizer = Tokenizer(vocab, do_lower_case=True)
             return lambda texts: [tokenizer.encode(t)[0] for t in texts]
-    elif name == "bert4keras":
-        from bert4keras.tokenizers import Tokenizer
-
-        def make():
-            tokenizer = Tokenizer(vocab, do_lower_case=True)
-            return lambda texts: [tokenizer.encode(t)[0] for t in texts]
-    elif name == "transformers-python":
+        return [(name, make)]
+    if name == "transformers-python":
         from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
         def make():
             tokenizer = BertTokenizerLegacy(vocab, do_lower_case=True)
             return lambda texts: [tokenizer.encode(t) for t in texts]
-    else:
-        from transformers.models.bert.tokenization_bert import BertTokenizer
+        return [(name, make)]
+    from transformers.models.bert.tokenization_bert import BertTokenizer
 
-        def make(batch=False):
-            tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
-            if batch:
-                return lambda texts: tokenizer(list(texts))["input_ids"]
-            return lambda texts: [tokenizer(t)["input_ids"] for t in texts]
-    modes = [("", make)]
-    if name == "transformers-rust":
-        modes.append((" (batch)", lambda: make(batch=True)))
+    def make(batch=False):
+        tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+        if batch:
+            return lambda texts: tokenizer(list(texts))["input_ids"]
+        return lambda texts: [tokenizer(t)["input_ids"] for t in texts]
+    return [(name, make), (name + " (batch)", lambda: make(batch=True))]
+
+
+def worker_tokenizer(job):
+    """Encode passes over each corpus, each with a fresh tokenizer (its caches cold, as a single
+    pass over a corpus would find them), at least `passes` and `min_time` seconds of them (at most
+    50): a pass of bert4k's takes half a second, short enough for a moment's load to halve it.
+    The median pass counts; ids written for comparison. With several tokenizers (a list; kind
+    'tokenizer-headtohead') their passes are interleaved in this one process, so that load from
+    elsewhere falls on all of them alike."""
+    vocab = str(model_dir("minilm") / "vocab.txt")
+    names = job["tokenizer"] if isinstance(job["tokenizer"], list) else [job["tokenizer"]]
+    makers = [pair for name in names for pair in tokenizer_makers(name, vocab)]
+    kind = "tokenizer-headtohead" if len(names) > 1 else "tokenizer"
     for corpus in job["corpora"]:
         texts = Path(job["corpus_files"][corpus]).read_text(encoding="utf-8").split("\n")
         texts = texts[: job["limit"]] if job.get("limit") else texts
         characters = sum(map(len, texts))
-        for suffix, maker in modes:
-            times = []
-            for _ in range(job["passes"]):
-                encode = maker()
+        times, ids = {label: [] for label, _ in makers}, {}
+
+        def enough(t):
+            return len(t) >= job["passes"] and (sum(t) >= job.get("min_time", 0) or len(t) >= 50)
+        while not all(enough(t) for t in times.values()):
+            for label, make in makers:
+                encode = make()
                 start = time.perf_counter()
-                ids = encode(texts)
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
-            label = (name + suffix).replace(" (", "-").replace(")", "")
-            out = Path(job["ids_dir"]) / f"{label}-{corpus}.json"
-            out.write_text(json.dumps([list(map(int, x)) for x in ids]))
-            emit(dict(kind="tokenizer", tokenizer=name + suffix, corpus=corpus, strings=len(texts),
-                      characters=characters, seconds=seconds, strings_per_s=len(texts) / seconds,
-                      chars_per_s=characters / seconds, ids_file=str(out)))
+                ids[label] = encode(texts)
+                times[label].append(time.perf_counter() - start)
+        for label, _ in makers:
+            seconds = statistics.median(times[label])
+            record = dict(kind=kind, tokenizer=label, corpus=corpus, strings=len(texts),
+                          characters=characters, seconds=seconds,
+                          strings_per_s=len(texts) / seconds, chars_per_s=characters / seconds,
+                          passes=len(times[label]))
+            if kind == "tokenizer":
+                out = Path(job["ids_dir"]) / f"{label.replace(' (', '-').replace(')', '')}-{corpus}.json"
+                out.write_text(json.dumps([list(map(int, x)) for x in ids[label]]))
+                record["ids_file"] = str(out)
+            emit(record)
 
 
 def worker_pretraining(job):
