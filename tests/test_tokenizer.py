@@ -106,7 +106,15 @@ def test_pre_tokenize_keeps_whole_vocab_words():
     vocab = {t: i for i, t in enumerate(SPECIALS + ['中国', '中', '国', '人', '##人'])}
     tokenizer = Tokenizer(vocab, pre_tokenize=lambda text: ['中国', '人'] if text == '中国人' else [text])
     assert tokenizer.tokenize('中国人') == ['[CLS]', '中国', '人', '[SEP]']
+    assert tokenizer.encode('中国人')[0] == [vocab[t] for t in ('[CLS]', '中国', '人', '[SEP]')]
     assert Tokenizer(vocab).tokenize('中国人') == ['[CLS]', '中', '国', '人', '[SEP]']
+
+
+def test_encode_applies_token_translate():
+    vocab = {t: i for i, t in enumerate(SPECIALS + ['a', 'b'])}
+    tokenizer = Tokenizer(vocab, token_translate={'a': 'b'})
+    assert tokenizer.tokenize('a b') == ['[CLS]', 'b', 'b', '[SEP]']
+    assert tokenizer.encode('a b')[0] == [vocab[t] for t in ('[CLS]', 'b', 'b', '[SEP]')]
 
 
 # ---------------------------------------------------------------- encode, truncation
@@ -229,6 +237,7 @@ TEXT_WITH_SPECIALS = st.lists(st.one_of(st.text(max_size=40), st.sampled_from(SP
 def test_any_text_tokenizes_and_rematches(tokenizers, text, lower):
     tokenizer = tokenizers['minilm', lower, False]
     tokens = tokenizer.tokenize(text)
+    assert tokenizer.encode(text)[0] == tokenizer.tokens_to_ids(tokens)  # encode's own ids path
     ids, segments = tokenizer.encode(text, text[::-1], maxlen=64)
     assert tokens[0] == '[CLS]' and tokens[-1] == '[SEP]' and len(ids) == len(segments) <= 64
     assert all(0 <= i < tokenizer.vocab_size for i in ids)
