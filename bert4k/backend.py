@@ -80,9 +80,28 @@ def softmax(x, axis=-1):
     Under bf16 the two casts of attention's [batch, heads, queries, keys] logits were ~5% of a
     MiniLM 8x128 inference on TensorFlow."""
     dtype = keras.backend.standardize_dtype(x.dtype)
-    if dtype in ("bfloat16", "float16") and not _softmax_keeps_float32(dtype):
-        return ops.cast(ops.softmax(ops.cast(x, "float32"), axis=axis), dtype)
-    return ops.softmax(x, axis=axis)
+    if dtype not in ("bfloat16", "float16"):
+        return ops.softmax(x, axis=axis)
+    if _softmax_keeps_float32(dtype):
+        return _tensorflow_softmax_with_float32_gradient(x, axis)
+    return ops.cast(ops.softmax(ops.cast(x, "float32"), axis=axis), dtype)
+
+
+def _tensorflow_softmax_with_float32_gradient(x, axis):
+    """tf.nn.softmax, its gradient computed in float32: TensorFlow's own runs in bf16 ops, with
+    4x the error of the cast path's (max 1.6e-2 against 3.7e-3 on 128 keys; this: 4.8e-3)."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def softmax_(x):
+        y = tf.nn.softmax(x, axis=axis)
+
+        def gradient(dy):
+            y32, dy32 = tf.cast(y, tf.float32), tf.cast(dy, tf.float32)
+            dx = (dy32 - tf.reduce_sum(dy32 * y32, axis=axis, keepdims=True)) * y32
+            return tf.cast(dx, x.dtype)
+        return y, gradient
+    return softmax_(x)
 
 
 def _softmax_keeps_float32(dtype):
