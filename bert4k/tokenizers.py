@@ -186,10 +186,7 @@ class TokenizerBase:
         tokens = self._tokenize(text)
         if self._token_translate:
             tokens = [self._token_translate.get(t) or t for t in tokens]
-        if self._token_start is not None:
-            tokens.insert(0, self._token_start)
-        if self._token_end is not None:
-            tokens.append(self._token_end)
+        tokens = self._decorated(tokens, self._token_start, self._token_end)
         if maxlen is not None:
             tokens = _truncate_longest_first(maxlen, -int(self._token_end is not None) - 1, tokens)[0]
         return tokens
@@ -216,6 +213,15 @@ class TokenizerBase:
             token_ids += second_ids
             segment_ids += [1] * len(second_ids)
         return token_ids, segment_ids
+
+    @staticmethod
+    def _decorated(items, start, end):
+        """items (a fresh list) with `start` before and `end` after, each unless None."""
+        if start is not None:
+            items.insert(0, start)
+        if end is not None:
+            items.append(end)
+        return items
 
     def _text_ids(self, text):
         """The ids of tokenize(text), or of a list of tokens."""
@@ -301,12 +307,9 @@ class Tokenizer(TokenizerBase):
         corpus, x1.08 on English (scripts/benchmark.py's corpora, fresh tokenizers, interleaved)."""
         if not isinstance(text, str) or self._token_translate:
             return super()._text_ids(text)
-        ids = self._tokenize(text, as_ids=True)
-        if self._token_start is not None:
-            ids.insert(0, self.token_to_id(self._token_start))
-        if self._token_end is not None:
-            ids.append(self.token_to_id(self._token_end))
-        return ids
+        start, end = (None if t is None else self.token_to_id(t)
+                      for t in (self._token_start, self._token_end))
+        return self._decorated(self._tokenize(text, as_ids=True), start, end)
 
     def _tokenize(self, text, as_ids=False):
         """Tokens (or their ids) without decorations: text cut around special tokens, each piece

@@ -66,8 +66,8 @@ What is measured and how:
 * Scaling: bert4k (--scaling-variant) with hierarchical positions, sequence length 128 -> 1024 at a
   fixed batch, then batch 1 -> 64 at length 128.
 * Tokenizers: one pass of `encode` per string (batch call for the Rust tokenizer as well), fresh
-  tokenizer each pass, median of at least --tokenizer-passes passes and --min-time seconds; over the bundled Chinese sentiment corpus (train split)
-  and English text (docstrings of Python's standard library, a fixed module list), with
+  tokenizer each pass, median of at least --tokenizer-passes passes and --min-time seconds; over
+  the bundled Chinese sentiment corpus (train split) and English text (docstrings of Python's standard library, a fixed module list), with
   MiniLM's uncased vocabulary. ids are compared with transformers' Python BertTokenizer.
 * Pretraining: `pretraining.data_utils.prepare` (documents/s into TFRecords, MLM, whole-word
   masking, length 128) on the sentiment corpus (one document a line), then

@@ -302,7 +302,8 @@ class Report:
                 rows.append(f"| {r['tokenizer']}, head to head | {corpus} | {r['strings']} "
                             f"| {r['passes']} | {fmt(r['strings_per_s'])} | {fmt(r['chars_per_s'])} "
                             f"| {speedup} | - |")
-        rows += ["", "'head to head': bert4k's and bert4keras's passes interleaved in one process."]
+        if self.select(kind="tokenizer-headtohead"):
+            rows += ["", "'head to head': bert4k's and bert4keras's passes interleaved in one process."]
         return "\n".join(rows)
 
     def pretraining_table(self):
