@@ -108,9 +108,15 @@ def _softmax_keeps_float32(dtype):
     """Whether ops.softmax of a `dtype` tensor, here, equals float32 softmax rounded to `dtype`.
     True only for bfloat16 under TensorFlow's oneDNN CPU kernels, which accumulate in float32
     (outputs bit-identical to the casts); Eigen's kernel (oneDNN off) and XLA's accumulate in
-    bfloat16 (2.7-5x the error on 128-512 keys), and GPUs are not checked. The tests are
-    TensorFlow internals: if they move, the casts stay."""
-    if dtype != "bfloat16" or keras.backend.backend() != "tensorflow":
+    bfloat16 (2.7-5x the error on 128-512 keys), and GPUs are not checked."""
+    return dtype == "bfloat16" and _runs_onednn_kernels()
+
+
+def _runs_onednn_kernels():
+    """Whether TensorFlow ops built here run on oneDNN's CPU kernels: TensorFlow with oneDNN on,
+    no GPU, not compiled by XLA. The tests are TensorFlow internals: if they move, this says no
+    and the portable code paths run."""
+    if keras.backend.backend() != "tensorflow":
         return False
     try:
         import tensorflow as tf
@@ -120,6 +126,75 @@ def _softmax_keeps_float32(dtype):
         return False
     return (IsMklEnabled() and not tf.config.list_logical_devices("GPU")
             and not GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalization
+# ---------------------------------------------------------------------------------------------------
+
+
+def layer_norm(x, gamma=None, beta=None, epsilon=1e-12, rms=False):
+    """LayerNorm over the last axis in x's dtype, statistics in float32 under any dtype (bf16
+    variance loses too many bits). gamma and beta (float32, broadcasting to x; None: 1 and 0)
+    scale and shift the normalized x; `rms=True` skips the mean (T5's RMSNorm).
+
+    Inside a TensorFlow graph on oneDNN, a plain LayerNorm (per-feature gamma and beta) runs as
+    oneDNN's fused kernel instead of ~9 Eigen passes: 2.4x faster in float32 and 3.8x in bf16 at
+    [1024, 384], with the same outputs."""
+    if not rms and _takes_onednn_layer_norm(x, gamma, beta):
+        return _onednn_layer_norm(x, gamma, beta, epsilon)
+    dtype = x.dtype
+    x = ops.cast(x, "float32")
+    if not rms:
+        x = x - ops.mean(x, axis=-1, keepdims=True)
+    x = x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + epsilon)
+    if gamma is not None:
+        x = x * gamma
+    if beta is not None:
+        x = x + beta
+    return ops.cast(x, dtype)
+
+
+def _takes_onednn_layer_norm(x, gamma, beta):
+    """oneDNN's kernel is an op of graphs only, with one gamma and beta for every position."""
+    per_feature = all(p is None or len(p.shape) == 1 for p in (gamma, beta))
+    if not (per_feature and _runs_onednn_kernels()):
+        return False
+    import tensorflow as tf
+
+    return tf.inside_function() and x.dtype in (tf.float32, tf.bfloat16, tf.float16)
+
+
+def _onednn_layer_norm(x, gamma, beta, epsilon):
+    """TensorFlow's `_MklLayerNorm` (the op its graph optimizer fuses Keras 2's LayerNorm into),
+    on rows; its gradient, which TensorFlow does not define, is LayerNorm's in float32."""
+    import tensorflow as tf
+    from tensorflow.python.framework import op_def_library
+
+    dim = x.shape[-1]
+    gamma = tf.ones([dim], tf.float32) if gamma is None else gamma
+    beta = tf.zeros([dim], tf.float32) if beta is None else beta
+
+    @tf.custom_gradient
+    def normalize(rows, gamma, beta):
+        _, _, op, _ = op_def_library._apply_op_helper(
+            "_MklLayerNorm", x=rows, scale=tf.cast(gamma, rows.dtype),
+            offset=tf.cast(beta, rows.dtype), epsilon=epsilon, name="onednn_layer_norm")
+
+        def gradient(dy):
+            rows32, dy = tf.cast(rows, tf.float32), tf.cast(dy, tf.float32)
+            centered = rows32 - tf.reduce_mean(rows32, axis=-1, keepdims=True)
+            rstd = tf.math.rsqrt(tf.reduce_mean(tf.square(centered), -1, keepdims=True) + epsilon)
+            normalized = centered * rstd
+            dnormalized = dy * gamma
+            dx = rstd * (dnormalized - tf.reduce_mean(dnormalized, -1, keepdims=True)
+                         - normalized * tf.reduce_mean(dnormalized * normalized, -1, keepdims=True))
+            return (tf.cast(dx, rows.dtype), tf.reduce_sum(dy * normalized, axis=0),
+                    tf.reduce_sum(dy, axis=0))
+        return op.outputs[0], gradient
+    y = tf.reshape(normalize(tf.reshape(x, [-1, dim]), gamma, beta), tf.shape(x))
+    y.set_shape(x.shape)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -325,23 +325,16 @@ class LayerNormalization(keras.layers.Layer):
             for _ in range(len(inputs.shape) - len(condition.shape)):
                 condition = ops.expand_dims(condition, 1)  # [batch, dim] -> [batch, 1, dim]
             condition = ops.cast(condition, "float32")
-        # Statistics in float32 even under mixed precision: bf16 variance loses too many bits.
-        x = ops.cast(inputs, "float32")
-        if not self.rms:
-            x = x - ops.mean(x, axis=-1, keepdims=True)
-        variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
-        x = x * ops.rsqrt(variance + self.epsilon)
+        gamma = beta = None
         if self.scale:
             gamma = ops.cast(self.gamma, "float32")
             if condition is not None:
                 gamma = gamma + ops.cast(self.gamma_dense(condition), "float32")
-            x = x * gamma
         if self.center:
             beta = ops.cast(self.beta, "float32")
             if condition is not None:
                 beta = beta + ops.cast(self.beta_dense(condition), "float32")
-            x = x + beta
-        return ops.cast(x, self.compute_dtype)
+        return K.layer_norm(inputs, gamma, beta, self.epsilon, rms=self.rms)
 
     def compute_output_shape(self, input_shape):
         return input_shape[0] if self.conditional else input_shape

@@ -264,6 +264,80 @@ def test_bfloat16_softmax_skips_the_casts_only_where_tensorflow_computes_in_floa
     assert error < 2 * 2.0**-9 * np.abs(exact_gradient).max()
 
 
+def _float64_layer_norm(x, gamma, beta, epsilon=1e-12):
+    centered = x - x.mean(-1, keepdims=True)
+    return centered / np.sqrt((centered**2).mean(-1, keepdims=True) + epsilon) * gamma + beta
+
+
+def _finite_difference_gradient(f, x, step=1e-6):
+    """d sum(f) / dx, one central difference per element of x (float64)."""
+    gradient = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += step
+        down[index] -= step
+        gradient[index] = (f(up).sum() - f(down).sum()) / (2 * step)
+    return gradient
+
+
+def _layer_norm_case(seed=9):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 16)) * 3 + 1
+    return x, 1 + 0.2 * rng.standard_normal(16), 0.1 * rng.standard_normal(16)
+
+
+def test_layer_norm_matches_float64():
+    """K.layer_norm against NumPy in float64, in float32 and in bf16 (statistics in float32: the
+    bf16 result within one rounding of its largest value)."""
+    x, gamma, beta = _layer_norm_case()
+    exact = _float64_layer_norm(x, gamma, beta)
+    as_float32 = lambda a: keras.ops.convert_to_tensor(a, "float32")  # noqa: E731
+    out = K.layer_norm(as_float32(x), as_float32(gamma), as_float32(beta))
+    assert np.abs(numpy(out) - exact).max() < 1e-5
+    x16 = keras.ops.cast(as_float32(x), "bfloat16")
+    exact16 = _float64_layer_norm(numpy(keras.ops.cast(x16, "float32")).astype("float64"),
+                                  gamma, beta)
+    out16 = K.layer_norm(x16, as_float32(gamma), as_float32(beta))
+    assert keras.backend.standardize_dtype(out16.dtype) == "bfloat16"
+    assert np.abs(numpy(keras.ops.cast(out16, "float32")) - exact16).max() < 2.0**-8 * 4
+
+
+@pytest.mark.tensorflow_only("TensorFlow's oneDNN kernel, graph and XLA contexts")
+def test_layer_norm_runs_onednns_kernel_in_tensorflow_graphs_with_float32_gradients():
+    """In a graph on oneDNN, K.layer_norm is the `_MklLayerNorm` kernel with our gradient; under
+    XLA the portable ops. Values and the gradients of x, gamma and beta against float64 finite
+    differences of NumPy's LayerNorm."""
+    import tensorflow as tf
+    from tensorflow.python.util._pywrap_util_port import IsMklEnabled
+
+    x, gamma, beta = _layer_norm_case()
+    weights = np.random.default_rng(10).standard_normal(x.shape)
+    exact = {
+        "x": _finite_difference_gradient(lambda v: _float64_layer_norm(v, gamma, beta) * weights, x),
+        "gamma": _finite_difference_gradient(lambda v: _float64_layer_norm(x, v, beta) * weights,
+                                             gamma),
+        "beta": (weights.reshape(-1, 16)).sum(0),
+    }
+
+    def value_and_gradients(x, gamma, beta):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y = K.layer_norm(x, gamma, beta)
+            loss = tf.reduce_sum(y * weights)
+        return y, dict(zip(("x", "gamma", "beta"), tape.gradient(loss, [x, gamma, beta])))
+
+    for jit in (False, True):
+        step = tf.function(value_and_gradients, jit_compile=jit)
+        inputs = [tf.constant(a, tf.float32) for a in (x, gamma, beta)]
+        y, gradients = step(*inputs)
+        graph = step.get_concrete_function(*inputs).graph
+        fused = any(op.type == "_MklLayerNorm" for op in graph.get_operations())
+        assert fused == (IsMklEnabled() and not jit)
+        assert np.abs(y.numpy() - _float64_layer_norm(x, gamma, beta)).max() < 1e-5
+        for name, gradient in gradients.items():
+            assert np.abs(gradient.numpy() - exact[name]).max() < 1e-4 * np.abs(exact[name]).max()
+
+
 def test_mixed_bfloat16_policy_layers_and_outputs(tiny_config):
     model = build_transformer_model(with_mlm=True, with_pool=True,
                                     dtype_policy="mixed_bfloat16", **tiny_config)
