@@ -336,6 +336,15 @@ def test_layer_norm_runs_onednns_kernel_in_tensorflow_graphs_with_float32_gradie
         assert np.abs(y.numpy() - _float64_layer_norm(x, gamma, beta)).max() < 1e-5
         for name, gradient in gradients.items():
             assert np.abs(gradient.numpy() - exact[name]).max() < 1e-4 * np.abs(exact[name]).max()
+    # bf16 rows go through the kernel in float32: gamma and beta are not rounded to bf16.
+    x16 = tf.cast(tf.constant(x, tf.float32), tf.bfloat16)
+    normalize = tf.function(lambda x: K.layer_norm(x, tf.constant(gamma, tf.float32),
+                                                   tf.constant(beta, tf.float32)))
+    graph = normalize.get_concrete_function(x16).graph
+    assert any(op.type == "_MklLayerNorm" for op in graph.get_operations()) == IsMklEnabled()
+    exact16 = _float64_layer_norm(tf.cast(x16, tf.float64).numpy(), gamma, beta)
+    out16 = tf.cast(normalize(x16), tf.float64).numpy()
+    assert np.abs(out16 - exact16).max() <= 2.0**-8 * np.abs(exact16).max()  # one rounding
 
 
 def test_mixed_bfloat16_policy_layers_and_outputs(tiny_config):
