@@ -1,5 +1,6 @@
 """Activations and tensor helpers on `keras.ops`, so every backend runs the same model code."""
 
+import functools
 import math
 
 import keras
@@ -31,6 +32,42 @@ def gelu_tanh(x):
 @keras.saving.register_keras_serializable(package="bert4k")
 def swish(x):
     return x * ops.sigmoid(x)
+
+
+def activation_for_training(activation):
+    """`activation`, or for GELU (erf) inside a TensorFlow graph outside XLA, the same function
+    whose gradient runs as one XLA-compiled elementwise kernel (in float32) instead of about ten
+    Eigen passes over the [tokens, intermediate] activations: at BERT-base 16x128 a layer's GELU
+    forward and backward took 6.6 ms against 17.0. Its forward stays the plain ops, which
+    TensorFlow fuses into the matmul when no gradient is taken."""
+    if activation is gelu_erf and _runs_onednn_kernels():
+        import tensorflow as tf
+
+        if tf.inside_function():
+            return _gelu_erf_with_compiled_gradient
+    return activation
+
+
+def _gelu_erf_with_compiled_gradient(x):
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gelu(x):
+        return gelu_erf(x), lambda dy: _compiled_gelu_erf_gradient()(x, dy)
+    return gelu(x)
+
+
+@functools.cache
+def _compiled_gelu_erf_gradient():
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True)
+    def gradient(x, dy):
+        x32, dy32 = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
+        u = x32 * (1 / math.sqrt(2.0))
+        slope = 0.5 * (1.0 + tf.math.erf(u)) + x32 * tf.exp(-u * u) / math.sqrt(2 * math.pi)
+        return tf.cast(dy32 * slope, x.dtype)
+    return gradient
 
 
 ACTIVATIONS = {

@@ -651,10 +651,12 @@ class FeedForward(keras.layers.Layer):
         self.o_dense = dense(input_shape[-1], "o_dense")
         self.o_dense.build(tuple(input_shape[:-1]) + (self.units,))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         rows = as_rows(inputs)  # see `as_rows`: projection, bias and activation fuse on TF
         x = None
         for layer, activation in zip(self.input_denses, self.activations):
+            if activation and training:
+                activation = K.activation_for_training(activation)
             h = activation(layer(rows)) if activation else layer(rows)
             x = h if x is None else x * h
         out = self.o_dense(x)

@@ -347,6 +347,42 @@ def test_layer_norm_runs_onednns_kernel_in_tensorflow_graphs_with_float32_gradie
     assert np.abs(out16 - exact16).max() <= 2.0**-8 * np.abs(exact16).max()  # one rounding
 
 
+@pytest.mark.tensorflow_only("TensorFlow's graph, eager and XLA contexts")
+def test_gelu_for_training_has_a_compiled_gradient_in_tensorflow_graphs():
+    """activation_for_training(gelu_erf): in a graph (oneDNN, no XLA) the custom-gradient GELU,
+    elsewhere gelu_erf itself; values and gradients against float64 central differences of
+    x * Phi(x), in float32 and in bf16 (gradient within one bf16 rounding)."""
+    import tensorflow as tf
+    from tensorflow.python.util._pywrap_util_port import IsMklEnabled
+
+    erf = np.vectorize(math.erf)
+    gelu64 = lambda v: 0.5 * v * (1 + erf(v / math.sqrt(2)))  # noqa: E731
+    x = np.linspace(-6, 6, 301)
+    exact_gradient = (gelu64(x + 1e-6) - gelu64(x - 1e-6)) / 2e-6
+    assert K.activation_for_training(K.gelu_erf) is K.gelu_erf  # eager: no graph to gain in
+    for jit in (False, True):
+        chosen = tf.function(lambda: K.activation_for_training(K.gelu_erf) is K.gelu_erf,
+                             jit_compile=jit)
+        assert chosen() == (jit or not IsMklEnabled())
+    assert K.activation_for_training(K.swish) is K.swish
+
+    @tf.function
+    def value_and_gradient(v):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            y = K.activation_for_training(K.gelu_erf)(v)
+        return y, tape.gradient(y, v)
+
+    y, gradient = value_and_gradient(tf.constant(x, tf.float32))
+    assert np.abs(y.numpy() - gelu64(x)).max() < 1e-5
+    assert np.abs(gradient.numpy() - exact_gradient).max() < 1e-5
+    y16, gradient16 = value_and_gradient(tf.constant(x, tf.bfloat16))
+    x16 = tf.cast(tf.constant(x, tf.bfloat16), tf.float64).numpy()
+    exact16 = (gelu64(x16 + 1e-6) - gelu64(x16 - 1e-6)) / 2e-6
+    error = np.abs(tf.cast(gradient16, tf.float64).numpy() - exact16)
+    assert (error <= 2.0**-8 * np.maximum(np.abs(exact16), 2.0**-8)).all()
+
+
 def test_mixed_bfloat16_policy_layers_and_outputs(tiny_config):
     model = build_transformer_model(with_mlm=True, with_pool=True,
                                     dtype_policy="mixed_bfloat16", **tiny_config)
