@@ -450,6 +450,24 @@ def test_bfloat16_policy_stores_matmul_weights_in_bfloat16_and_predicts_as_mixed
         np.testing.assert_array_equal(numpy(weight), numpy(original).astype("float32"))
 
 
+def test_mixed_precision_embedding_casts_the_gathered_rows_not_the_table():
+    layer = L.Embedding(1000, 8, dtype="mixed_bfloat16")
+    ids = np.array([[3, 5, 999]], "int32")
+    out = layer(ids)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert layer.embeddings.dtype == "float32"
+    rows = numpy(layer.embeddings)[ids[0]]
+    expected = numpy(keras.ops.cast(keras.ops.cast(rows, "bfloat16"), "float32"))
+    np.testing.assert_array_equal(numpy(keras.ops.cast(out, "float32"))[0], expected)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        spec = tf.TensorSpec((None, None), tf.int32)
+        graph = tf.function(layer).get_concrete_function(spec).graph
+        casts = [tuple(op.inputs[0].shape) for op in graph.get_operations() if op.type == "Cast"]
+        assert (1000, 8) not in casts, casts
+
+
 @pytest.mark.slow
 def test_bfloat16_minilm_is_close_to_float32_and_transformers(minilm_dir, minilm_reference):
     ids, segments = minilm_reference["token_ids"], minilm_reference["segment_ids"]
