@@ -43,6 +43,7 @@ VARIANTS = {
     "bert4k-jax": ("jax", "bert4k", "xla", "float32"),
     "bert4k-jax-bf16": ("jax", "bert4k", "xla", "bfloat16"),
     "bert4k-torch": ("torch", "bert4k", "eager", "float32"),
+    "bert4k-torch-bf16": ("torch", "bert4k", "eager", "bfloat16"),
     "transformers-torch": ("torch", "transformers", "eager", "float32"),
     "keras-hub-tf-graph": ("keras-hub", "keras_hub", "graph", "float32"),
     "keras-hub-tf-xla": ("keras-hub", "keras_hub", "xla", "float32"),
@@ -59,7 +60,8 @@ DEFAULT_PLAN = {
     "minilm": dict(shapes=[(1, 128), (8, 128)], variants=[
         "bert4k-tf-graph", "bert4k-tf-graph-fused", "bert4k-tf-graph-bf16", "bert4k-tf-xla",
         "bert4k-tf-xla-fused", "bert4k-tf-xla-bf16", "bert4k-jax", "bert4k-torch",
-        "transformers-torch", "keras-hub-tf-graph", "keras-hub-tf-xla", "bert4keras-tf-graph"]),
+        "bert4k-torch-bf16", "transformers-torch", "keras-hub-tf-graph", "keras-hub-tf-xla",
+        "bert4keras-tf-graph"]),
     "base": dict(shapes=INFERENCE_SHAPES, variants=[
         "bert4k-tf-graph", "bert4k-tf-graph-bf16", "bert4k-tf-xla", "transformers-torch",
         "keras-hub-tf-graph", "keras-hub-tf-xla", "bert4keras-tf-graph", "bert4keras-tf-xla"]),

@@ -373,7 +373,7 @@ class Report:
                 row(f"{model}: fastest bert4k bf16 >= 1.5x fastest bert4k fp32 (8x128)",
                     f"{fast['variant']} {fmt(fast['tokens_per_s'])} vs {slow['variant']} "
                     f"{fmt(slow['tokens_per_s'])} tokens/s (x{ratio:.2f})", ratio >= 1.5)
-            for backend in ("bert4k-tf-graph", "bert4k-tf-xla", "bert4k-jax"):
+            for backend in ("bert4k-tf-graph", "bert4k-tf-xla", "bert4k-jax", "bert4k-torch"):
                 fast = self.one(kind="inference", model=model, variant=backend + "-bf16", batch=8, length=128)
                 slow = self.one(kind="inference", model=model, variant=backend, batch=8, length=128)
                 if fast and slow:
