@@ -19,8 +19,8 @@ MASK_BIAS = -1e4
 @keras.saving.register_keras_serializable(package="bert4k")
 def gelu_erf(x):
     """GELU with the exact erf, as Google BERT and Hugging Face 'gelu'. On PyTorch Keras's op is
-    torch's one kernel (the formula written out took four elementwise passes, 22% of a MiniLM
-    forward). Elsewhere the formula: TensorFlow's op is written with erfc, which its graph
+    torch's one kernel (the formula written out took four elementwise passes, about a fifth of a
+    MiniLM forward). Elsewhere the formula: TensorFlow's op is written with erfc, which its graph
     optimizer does not fuse into the matmul while training (a MiniLM step took 6-17% longer)."""
     if keras.backend.backend() == "torch":
         return ops.gelu(x, approximate=False)
