@@ -699,20 +699,26 @@ class BiasAdd(keras.layers.Layer):
 
 @register
 class Dropout(keras.layers.Dropout):
-    """keras.layers.Dropout whose mask, on TensorFlow, takes 16 random bits a value, not 32.
+    """keras.layers.Dropout whose mask takes 16 random bits a value, not 32 (TensorFlow, JAX).
 
-    TensorFlow's Philox generator is most of a dropout's cost on a CPU (about 1.9 ns a 32-bit
-    number on the 2-core AMD EPYC machine): 100 ms of a 640 ms MiniLM training step at 16x128.
-    Splitting each number in two halves the generator's work; a value is kept when its 16 bits
-    reach round(rate * 2^16), so the rate is exact to 2^-17, and the kept values are scaled by
-    1 / (1 - rate) as Keras's. Other backends, and a `noise_shape`, use Keras's own dropout.
+    The random generator is most of a dropout's cost on a CPU: TensorFlow's Philox took about
+    1.9 ns a 32-bit number on the 2-core AMD EPYC machine (100 ms of a 640 ms MiniLM training
+    step at 16x128), and JAX's Threefry behind `jax.random.bernoulli` about 11 ns a value. Each
+    32-bit number is split in two; a value is kept when its 16 bits reach round(rate * 2^16), so
+    the rate is exact to 2^-17, and the kept values are scaled by 1 / (1 - rate) as Keras's.
+    PyTorch (its own fused dropout kernel), and a `noise_shape`, use Keras's own dropout.
     """
 
     def call(self, inputs, training=False):
+        backend = keras.backend.backend()
         if (training and 0 < self.rate < 1 and self.noise_shape is None
-                and keras.backend.backend() == "tensorflow"):
-            return _tensorflow_dropout(inputs, self.rate, self.seed_generator.next())
+                and backend in _SIXTEEN_BIT_DROPOUTS):
+            return _SIXTEEN_BIT_DROPOUTS[backend](inputs, self.rate, self.seed_generator.next())
         return super().call(inputs, training=training)
+
+
+def _keep_threshold(rate):
+    return min(round(rate * 2**16), 2**16 - 1)
 
 
 def _tensorflow_dropout(x, rate, seed):
@@ -724,9 +730,22 @@ def _tensorflow_dropout(x, rate, seed):
     words = tf.random.stateless_uniform([(size + 1) // 2], seed, minval=None, maxval=None,
                                         dtype=tf.uint32)
     halves = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]
-    keep = tf.reshape(halves, tf.shape(x)) >= tf.constant(min(round(rate * 2**16), 2**16 - 1),
-                                                           tf.uint16)
+    keep = tf.reshape(halves, tf.shape(x)) >= tf.constant(_keep_threshold(rate), tf.uint16)
     return tf.where(keep, x * tf.cast(1 / (1 - rate), x.dtype), tf.zeros((), x.dtype))
+
+
+def _jax_dropout(x, rate, seed):
+    import jax
+    import jax.numpy as jnp
+
+    # bits() of uint16 would draw a 32-bit number a value again: draw half as many and split them
+    words = jax.random.bits(seed, ((x.size + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:x.size]
+    keep = halves.reshape(x.shape) >= jnp.uint16(_keep_threshold(rate))
+    return jnp.where(keep, x * jnp.asarray(1 / (1 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+_SIXTEEN_BIT_DROPOUTS = {"tensorflow": _tensorflow_dropout, "jax": _jax_dropout}
 
 
 @register

@@ -188,6 +188,42 @@ def test_dropout_keeps_each_value_independently_with_probability_one_minus_rate(
     assert abs(pairs) < 5 / math.sqrt(n / 2)
 
 
+def random_words_drawn(layer, shape):
+    """Shapes of the 32-bit random arrays a training call of `layer` draws, read off its traced
+    graph (TensorFlow) or jaxpr (JAX)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(
+            tf.TensorSpec(shape, tf.float32)).graph
+        return [tuple(out.shape) for op in graph.get_operations() if "StatelessRandom" in op.type
+                for out in op.outputs if out.dtype in (tf.uint32, tf.float32)]
+    import jax
+
+    layer.build(shape)
+    state = [v.value for v in layer.non_trainable_variables]  # the seed generator's
+    jaxpr = jax.make_jaxpr(lambda s, x: layer.stateless_call([], s, x, training=True))(
+        state, np.ones(shape, "float32"))
+
+    def equations(jaxpr):  # nested calls (jit, pjit) included
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
+
+    return [tuple(var.aval.shape) for eqn in equations(jaxpr.jaxpr)
+            if eqn.primitive.name == "random_bits" for var in eqn.outvars]
+
+
+@pytest.mark.backends("tensorflow", "jax", reason="PyTorch drops with its own fused kernel")
+def test_dropout_draws_sixteen_random_bits_a_value():
+    """Half as much work for the generator as Keras's dropout (32 bits a value)."""
+    assert random_words_drawn(L.Dropout(0.1), (3, 5, 7)) == [(53,)]  # 105 values
+    assert random_words_drawn(L.Dropout(0.1), (2, 4)) == [(4,)]
+
+
 @pytest.mark.tensorflow_only("a traced step with an unknown batch and under XLA")
 def test_dropout_in_a_compiled_function_with_unknown_shape():
     import tensorflow as tf
