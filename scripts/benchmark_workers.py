@@ -140,6 +140,10 @@ class KerasRunner:
             import keras
 
             self.keras = keras
+            if self.impl == "bert4k" and keras.backend.backend() == "jax":
+                from bert4k.snippets import keep_freed_memory
+
+                keep_freed_memory()  # as the README advises on a CPU: before JAX's runtime starts
             if job["precision"] == "bfloat16" and self.impl != "bert4k":
                 keras.config.set_dtype_policy("mixed_bfloat16")
 

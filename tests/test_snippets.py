@@ -353,6 +353,49 @@ def test_data_generators_keep_freed_memory_that_tensorflows_generator_datasets_g
         assert page_faults_after_a_generator_dataset(entry) < pages // 5, entry
 
 
+# Page faults of a jitted step whose temporaries (a 64 MiB product and its tanh) are one block of
+# 128 MiB, beyond glibc's 64 MiB thread heaps: about 32,000 a call when malloc maps it from the
+# kernel every call, none once it comes from the main heap and stays there.
+JAX_MALLOC_PROBE = """
+import os, resource, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import keras
+from bert4k.snippets import keep_freed_memory
+import jax
+import jax.numpy as jnp
+if sys.argv[1] == "after a computation":
+    jnp.ones(3).block_until_ready()
+acted = keep_freed_memory() if sys.argv[1] != "plain" else None
+step = jax.jit(lambda x, w: (jnp.tanh(x @ w) @ w.T).sum())
+x, w = jnp.ones((4096, 256)), jnp.full((256, 4096), 1e-3)
+for _ in range(2):
+    step(x, w).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step(x, w).block_until_ready()
+print(acted, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
+@pytest.mark.backends("jax", reason="probes XLA's CPU runtime in a JAX process: once a CI run")
+def test_keep_freed_memory_on_jax_before_its_runtime_starts():
+    def probe(setting):
+        result = subprocess.run([sys.executable, "-c", JAX_MALLOC_PROBE, setting], capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        acted, faults = result.stdout.split()[-2:]
+        return acted, int(faults)
+
+    block_pages = 64 * 2**20 // resource.getpagesize()
+    acted, faults = probe("plain")
+    assert faults > block_pages  # mapped and faulted in again at every call
+    acted, faults = probe("first thing")
+    assert acted == "True" and faults < block_pages // 20  # from the main heap, kept there
+    acted, faults = probe("after a computation")  # JAX's threads keep their own heaps: too late
+    assert acted == "False" and faults > block_pages
+
+
 def length_samples(count):
     """(token ids, label) pairs of lengths 1-40 in a fixed scrambled order; the first id numbers the
     sample (+ 1: 0 is padding)."""
