@@ -318,7 +318,7 @@ def keep_freed_memory():
     JAX (Keras's backend, or JAX imported without Keras): XLA's CPU runtime takes a step's
     temporaries as one block (770 MiB for a MiniLM training step at 16x128) on one of its own
     threads, and glibc maps a block that size from the kernel, outside the main heap, and unmaps it
-    when freed: every step faults its pages in again (200,000 page faults; the step took 1,030-1,080
+    when freed: every step faults its pages in again (200,000 page faults; the step took 1,010-1,080
     ms against 610-740 without them). This serves every thread from the main heap, never maps and
     never trims, so the process keeps its peak memory (RSS 1.6 -> 2.3 GiB there). Call it first
     thing, before any JAX computation: threads keep the heaps they already have, so once JAX's
