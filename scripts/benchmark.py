@@ -34,11 +34,11 @@ What is measured and how:
   'mixed_bfloat16' to train (other Keras peers: keras.config.set_dtype_policy('mixed_bfloat16'));
   TensorFlow's graph mode runs bf16 matmuls through oneDNN (AVX512_BF16 or AMX), while its XLA
   has no fast bf16 kernel on a CPU. bert4k on JAX calls `bert4k.snippets.keep_freed_memory()`
-  first, as its README advises on a CPU (XLA's per-step temporaries stay in the heap). Warm-up calls (the first one compiles: its time is reported as
-  'first call'), then timed calls until --min-time seconds and at least --min-reps calls; the
-  median (--statistic) is the time. tokens/s = batch * length / time. The process's CPU time per
-  call / wall time is reported as 'cores busy' (2 = both cores; less: the work did not spread, or
-  another process took a core).
+  first, as its README advises for training on a CPU (its inference, in the same process, too).
+  Warm-up calls (the first one compiles: its time is reported as 'first call'), then timed calls
+  until --min-time seconds and at least --min-reps calls; the median (--statistic) is the time.
+  tokens/s = batch * length / time. The process's CPU time per call / wall time is reported as
+  'cores busy' (2 = both cores; less: the work did not spread, or another process took a core).
 * Fine-tuning: a classifier (pooled [CLS] -> Dense(2) softmax, sparse cross-entropy, AdamW 2e-5,
   dropout 0.1 as in the configs) at 16x128: Keras `train_on_batch`; torch forward, backward,
   AdamW step.
