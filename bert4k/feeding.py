@@ -326,17 +326,20 @@ def keep_freed_memory():
     runtime has started it does nothing and returns False.
     """
     global _freed_memory_kept
+    if _freed_memory_kept or platform.libc_ver()[0] != "glibc":
+        return False
     tf = sys.modules.get("tensorflow")
     early_jax = _keras_backend() == "jax" and not _jax_runtime_started()
-    if _freed_memory_kept or platform.libc_ver()[0] != "glibc" or (tf is None and not early_jax):
+    if tf is None and not early_jax:
         return False
-    _freed_memory_kept = True  # TensorFlow changes malloc once per process, so once is enough here too
+    _freed_memory_kept = True  # TensorFlow and JAX's threads change malloc once, so once is enough
     if tf is not None:
         for _ in tf.data.Dataset.from_generator(lambda: iter(()), output_signature=tf.TensorSpec((), tf.int32)):
             pass
-    if early_jax:
-        return _serve_every_thread_from_the_main_heap()
     mallopt = ctypes.CDLL(None).mallopt
+    if early_jax:  # every thread from the main heap, never mapped, never trimmed
+        return bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
+                    and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX))
 
 
@@ -353,12 +356,6 @@ def _jax_runtime_started():
         return xla_bridge.backends_are_initialized()
     except (ImportError, AttributeError):
         return True  # cannot tell: leave malloc alone
-
-
-def _serve_every_thread_from_the_main_heap():
-    mallopt = ctypes.CDLL(None).mallopt
-    return bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
-                and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class DataGenerator:

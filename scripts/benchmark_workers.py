@@ -143,7 +143,7 @@ class KerasRunner:
             if self.impl == "bert4k" and keras.backend.backend() == "jax":
                 from bert4k.snippets import keep_freed_memory
 
-                keep_freed_memory()  # as the README advises on a CPU: before JAX's runtime starts
+                keep_freed_memory()  # as the README advises for training on a CPU: before JAX starts
             if job["precision"] == "bfloat16" and self.impl != "bert4k":
                 keras.config.set_dtype_policy("mixed_bfloat16")
 
