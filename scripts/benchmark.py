@@ -60,8 +60,10 @@ What is measured and how:
   classifier (per sequence, not per token) are left out.
 * Peak: the fastest call of large square matmuls (fp32 and bf16; n = --matmul-size, smaller
   where a kernel is too slow: torch has no fast bf16 kernel without AVX512-BF16/AMX) in every
-  environment in this run (TensorFlow eager and XLA, numpy, torch, JAX); the best fp32 figure is
-  the peak, and '% peak' = tokens/s * FLOPs/token / that peak, for every variant (bf16 ones too).
+  environment in this run (TensorFlow eager and XLA, numpy, torch, JAX), TensorFlow's again after
+  each model's jobs and at the end (the machine's speed drifts within a run); the best fp32 figure
+  is the peak, and '% peak' = tokens/s * FLOPs/token / that peak, for every variant (bf16 ones
+  too): a figure measured in a slow minute is set against the fastest minute's peak.
 * Memory: the subprocess's peak resident set (ru_maxrss) after its inference runs, and after
   fine-tuning (which includes them); one process per peer, variant and model.
 * Scaling: bert4k (--scaling-variant) with hierarchical positions, sequence length 128 -> 1024 at a
@@ -202,6 +204,11 @@ class Driver:
                                    shapes=shapes, timing=self.timing()),
                  f"head-to-head-{model}")
 
+    def measure_peak(self, env, label):
+        """Square matmuls in env: run at the start, after each model's jobs and at the end, as
+        the machine's speed drifts within a run; the report takes the fastest."""
+        self.run(env, dict(job="peak", env=env, n=self.args.matmul_size), label, timeout=600)
+
     def timing(self):
         a = self.args
         return dict(warmup=a.warmup, min_time=a.min_time, min_reps=a.min_reps, statistic=a.statistic)
@@ -220,10 +227,11 @@ class Driver:
             if self.available(env):
                 self.run(env, dict(job="versions", env=env), f"versions-{env}", timeout=120)
         for env in ("main", "torch", "jax"):
-            self.run(env, dict(job="peak", env=env, n=a.matmul_size), f"peak-{env}", timeout=600)
+            self.measure_peak(env, f"peak-{env}")
         for pass_index in range(a.passes if (a.inference or a.training) else 0):
             for model in a.models:
                 self.run_model_jobs(model, pass_index)
+                self.measure_peak("main", f"peak-main-after-{model}-{pass_index + 1}")
         if a.training:
             for feed in GENERATOR_FEEDS:
                 job = dict(job="generator_fit", feed=feed, model="minilm", batch=TRAIN_SHAPE[0],
@@ -262,6 +270,7 @@ class Driver:
                        workers=[1, os.cpu_count() or 1] if not a.quick else [os.cpu_count() or 1],
                        length=128, batch=16, steps=a.pretraining_steps)
             self.run("main", job, "pretraining")
+        self.measure_peak("main", "peak-main-at-end")
         self.load_after = os.getloadavg()
         self.wall = time.time() - started
         self.machine = machine()

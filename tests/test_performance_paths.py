@@ -685,6 +685,27 @@ def test_benchmark_keeps_each_measurements_best_pass(benchmark):
     assert sorted(r.get("tokens_per_s", 0) for r in kept) == [0, 3.0, 7.0]
 
 
+def test_benchmark_sets_figures_against_the_fastest_peak_of_the_run(benchmark):
+    """TensorFlow's matmul peak is measured again through a run; percentages use its fastest
+    measurement, and the table shows the slowest beside it."""
+    import types
+
+    peak = dict(kind="peak", env="main", library="tensorflow", dtype="float32")
+    records = [dict(peak, gflops=352.0), dict(peak, gflops=427.0), dict(peak, gflops=398.0),
+               dict(peak, dtype="bfloat16", gflops=700.0),
+               dict(kind="peak", env="torch", library="torch", dtype="float32", gflops=171.0),
+               dict(kind="inference", variant="v", model="base", batch=8, length=128,
+                    tokens_per_s=2000.0)]
+    report = benchmark.report.Report(types.SimpleNamespace(
+        records=records, args=types.SimpleNamespace(matmul_size=3072)))
+    assert report.peak32 == 427.0 and report.peak16 == 700.0
+    figure = 2000.0 * benchmark.plan.flops_per_token("base", 128) / 427e9
+    assert report.fraction(report.one(kind="inference")) == pytest.approx(figure)
+    table = report.peak_table()
+    assert "| tensorflow | 427 (slowest of 3: 352) | 700 |" in table
+    assert "| torch | 171 | - |" in table
+
+
 def test_benchmark_interleaved_measurement_calls_each_in_turn(benchmark):
     calls = []
     results = benchmark.workers.measure_interleaved(
