@@ -42,6 +42,9 @@ What is measured and how:
 * Fine-tuning: a classifier (pooled [CLS] -> Dense(2) softmax, sparse cross-entropy, AdamW 2e-5,
   dropout 0.1 as in the configs) at 16x128: Keras `train_on_batch`; torch forward, backward,
   AdamW step.
+* Head to head: bert4k's and keras-hub's graph and XLA variants in one process (keras-hub's
+  environment), calls interleaved: their inference at every shape, then, in a second process,
+  their fine-tuning steps.
 * Optimizer (--training): bert4k's Adam, whose update on TensorFlow is one fused
   `ResourceApplyAdam` kernel per variable, against Keras's Adam and AdamW and against itself with
   the kernel turned off: one update of the classifier's trainable variables (fixed dense
@@ -192,17 +195,22 @@ class Driver:
     def run_head_to_head(self, model):
         """bert4k and keras-hub in one process (keras-hub's environment, which has the same
         Keras and TensorFlow; bert4k comes from PYTHONPATH), calls interleaved: a comparison that
-        load from other processes cannot tilt. bert4keras cannot join: with TF_USE_LEGACY_KERAS=1,
-        `import keras` gives Keras 2 in that process."""
+        load from other processes cannot tilt. Inference at the model's shapes, then, in a second
+        process, the fine-tuning steps (BERT-base's four training models take 14 GiB together).
+        bert4keras cannot join: with TF_USE_LEGACY_KERAS=1, `import keras` gives Keras 2 in that
+        process."""
         a = self.args
         group = []
         for variant in HEAD_TO_HEAD:
             _, impl, mode, precision = VARIANTS[variant]
             group.append(dict(variant=variant, impl=impl, mode=mode, precision=precision))
-        shapes = [list(s) for s in a.plan[model]["shapes"]]
-        self.run("keras-hub", dict(job="group", kind="headtohead", model=model, group=group,
-                                   shapes=shapes, timing=self.timing()),
-                 f"head-to-head-{model}")
+        job = dict(job="group", model=model, group=group, timing=self.timing())
+        if a.inference:
+            shapes = [list(s) for s in a.plan[model]["shapes"]]
+            self.run("keras-hub", dict(job, kind="headtohead", shapes=shapes), f"head-to-head-{model}")
+        if a.training:
+            self.run("keras-hub", dict(job, kind="headtohead-training", train=list(TRAIN_SHAPE)),
+                     f"head-to-head-training-{model}")
 
     def measure_peak(self, env, label):
         """Square matmuls in env: run at the start, after each model's jobs and at the end, as
@@ -240,7 +248,7 @@ class Driver:
             for model in a.optimizer_models:
                 job = dict(job="optimizer", model=model, train=TRAIN_SHAPE, timing=self.timing())
                 self.run("main", job, f"optimizer-{model}")
-        if a.inference and a.head_to_head:
+        if a.head_to_head and (a.inference or a.training):
             for model in a.models:
                 self.run_head_to_head(model)
         if a.scaling:
@@ -334,7 +342,8 @@ def parse_args(argv=None):
                    help="measure every variant this many times (alternating order) and report "
                         "each one's best pass: steadier on a shared machine, N times longer")
     p.add_argument("--no-head-to-head", dest="head_to_head", action="store_false",
-                   help="skip the head-to-head inference of bert4k and keras-hub in one process")
+                   help="skip the head-to-head runs of bert4k and keras-hub in one process "
+                        "(inference and fine-tuning)")
     p.add_argument("--no-interleave", dest="interleave", action="store_false",
                    help="measure bert4k's TensorFlow variants one process each, not interleaved")
     p.add_argument("--matmul-size", type=int, default=3072)

@@ -24,7 +24,7 @@ def best_passes(records):
     """With --passes N, each measurement's best pass (most tokens/s); other records as they are."""
     best, others = {}, []
     for r in records:
-        if r["kind"] in ("inference", "training", "scaling", "headtohead"):
+        if r["kind"] in ("inference", "training", "scaling", "headtohead", "headtohead-training"):
             key = (r["kind"], r["variant"], r["model"], r["batch"], r["length"])
             if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
                 best[key] = r
@@ -88,7 +88,7 @@ class Report:
             lines += [self.generator_fit_table(), ""]
         if self.select(kind="optimizer_update"):
             lines += [self.optimizer_table(), ""]
-        if self.select(kind="headtohead"):
+        if self.select(kind="headtohead") or self.select(kind="headtohead-training"):
             lines += [self.head_to_head_table(), ""]
         if self.select(kind="scaling"):
             lines += [self.scaling_table(), ""]
@@ -229,21 +229,22 @@ class Report:
         rows = ["### Head to head: bert4k and keras-hub in one process, calls interleaved", "",
                 "tokens/s (x: against the faster keras-hub mode at that shape). The same Keras "
                 "and TensorFlow (keras-hub's environment); load from other processes falls on "
-                "both alike.", ""]
+                "both alike. Inference in one process, fine-tuning steps in another.", ""]
         for model in self.d.args.models:
-            records = self.select(kind="headtohead", model=model)
-            if not records:
+            columns = [(kind, shape) for kind in ("headtohead", "headtohead-training")
+                       for shape in sorted({(r["batch"], r["length"]) for r in self.select(kind=kind, model=model)},
+                                           key=lambda s: (s[1], s[0]))]
+            if not columns:
                 continue
-            shapes = sorted({(r["batch"], r["length"]) for r in records},
-                            key=lambda s: (s[1], s[0]))
-            rows += [f"{MODEL_TITLES[model]}:", "",
-                     "| variant | " + " | ".join(f"{b}x{n}" for b, n in shapes) + " |",
-                     "|---" * (len(shapes) + 1) + "|"]
+            titles = [("train " if kind == "headtohead-training" else "") + f"{b}x{n}"
+                      for kind, (b, n) in columns]
+            rows += [f"{MODEL_TITLES[model]}:", "", "| variant | " + " | ".join(titles) + " |",
+                     "|---" * (len(columns) + 1) + "|"]
             for variant in HEAD_TO_HEAD:
                 cells = []
-                for b, n in shapes:
-                    r = self.one(kind="headtohead", model=model, variant=variant, batch=b, length=n)
-                    hub = self.best("keras-hub-", model, "headtohead", (b, n))
+                for kind, (b, n) in columns:
+                    r = self.one(kind=kind, model=model, variant=variant, batch=b, length=n)
+                    hub = self.best("keras-hub-", model, kind, (b, n))
                     cells.append(f"{fmt(r['tokens_per_s'])} (x{r['tokens_per_s'] / hub['tokens_per_s']:.2f})"
                                  if r and hub else "-")
                 rows.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -353,15 +354,14 @@ class Report:
                                 f"{mine['variant']} {fmt(mine['tokens_per_s'])} vs {theirs['variant']} "
                                 f"{fmt(theirs['tokens_per_s'])} tokens/s (x{ratio:.2f})", ratio >= 1.0)
         for model in self.d.args.models:
-            shapes = sorted({(r["batch"], r["length"]) for r in self.select(kind="headtohead",
-                                                                           model=model)})
-            for shape in shapes:
-                mine = self.best("bert4k-", model, "headtohead", shape)
-                theirs = self.best("keras-hub-", model, "headtohead", shape)
-                if mine and theirs:
-                    ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
-                    row(f"{model} inference {shape[0]}x{shape[1]}: bert4k >= keras-hub, head to head",
-                        f"{mine['variant']} vs {theirs['variant']}: x{ratio:.2f}", ratio >= 1.0)
+            for kind, what in (("headtohead", "inference"), ("headtohead-training", "training")):
+                for shape in sorted({(r["batch"], r["length"]) for r in self.select(kind=kind, model=model)}):
+                    mine = self.best("bert4k-", model, kind, shape)
+                    theirs = self.best("keras-hub-", model, kind, shape)
+                    if mine and theirs:
+                        ratio = mine["tokens_per_s"] / theirs["tokens_per_s"]
+                        row(f"{model} {what} {shape[0]}x{shape[1]}: bert4k >= keras-hub, head to head",
+                            f"{mine['variant']} vs {theirs['variant']}: x{ratio:.2f}", ratio >= 1.0)
         mine = self.best("bert4k-", "base", "inference", (8, 128))
         if mine:
             f = self.fraction(mine)

@@ -325,24 +325,28 @@ def make_runner(job):
 
 
 def worker_group(job):
-    """Inference of several variants of one environment in one process, their calls interleaved
-    (measure_interleaved); records say interleaved=True, and their RSS is the group's."""
+    """Several variants of one environment in one process, their calls interleaved
+    (measure_interleaved): inference at job['shapes'], or with job['train'] = [batch, length] their
+    fine-tuning steps. Records say interleaved=True, and their RSS is the group's."""
     import numpy as np
 
-    infers = {}
+    training = bool(job.get("train"))
+    calls = {}
     for member in job["group"]:
         started = time.perf_counter()
-        infers[member["variant"]] = make_runner(dict(job, **member)).inference()
+        runner = make_runner(dict(job, **member))
+        calls[member["variant"]] = runner.training() if training else runner.inference()
         emit(dict(variant=member["variant"], model=job["model"], kind="load",
                   seconds=time.perf_counter() - started))
-    for index, (batch, length) in enumerate(job["shapes"]):
-        tokens, segments, _ = make_inputs(batch, length)
-        fns = {name: (lambda infer=infer: infer(tokens, segments)) for name, infer in infers.items()}
+    for index, (batch, length) in enumerate([job["train"]] if training else job["shapes"]):
+        tokens, segments, labels = make_inputs(batch, length)
+        inputs = (tokens, segments, labels) if training else (tokens, segments)
+        fns = {name: (lambda call=call: call(*inputs)) for name, call in calls.items()}
         results = measure_interleaved(fns, **job["timing"])
         for member in job["group"]:
             name = member["variant"]
-            if index == 0 and member.get("save_output"):
-                np.save(member["save_output"], infers[name](tokens, segments)[0])
+            if index == 0 and member.get("save_output") and not training:
+                np.save(member["save_output"], calls[name](tokens, segments)[0])
             emit(dict(variant=name, model=job["model"], kind=job.get("kind", "inference"),
                       batch=batch, length=length, interleaved=True, **results[name],
                       tokens_per_s=batch * length / results[name]["seconds"], rss_mib=rss_mib()))

@@ -706,6 +706,32 @@ def test_benchmark_sets_figures_against_the_fastest_peak_of_the_run(benchmark):
     assert "| torch | 171 | - |" in table
 
 
+def test_benchmark_reports_the_head_to_head_fine_tuning_steps(benchmark):
+    """The interleaved fine-tuning steps get their own column and goal row, against keras-hub's
+    faster mode."""
+    import types
+
+    step = dict(kind="headtohead-training", model="minilm", batch=16, length=128)
+    records = [dict(step, variant="keras-hub-tf-graph", tokens_per_s=2000.0),
+               dict(step, variant="keras-hub-tf-xla", tokens_per_s=2500.0),
+               dict(step, variant="bert4k-tf-graph", tokens_per_s=3000.0),
+               dict(step, variant="bert4k-tf-xla", tokens_per_s=2400.0),
+               dict(kind="headtohead", model="minilm", batch=8, length=128,
+                    variant="keras-hub-tf-xla", tokens_per_s=9000.0),
+               dict(kind="headtohead", model="minilm", batch=8, length=128,
+                    variant="bert4k-tf-xla", tokens_per_s=8100.0)]
+    args = types.SimpleNamespace(models=["minilm"], plan={"minilm": dict(shapes=[], variants=[])},
+                                 output="unused")
+    report = benchmark.report.Report(types.SimpleNamespace(records=records, args=args))
+    table = report.head_to_head_table()
+    assert "| variant | 8x128 | train 16x128 |" in table
+    assert "| bert4k-tf-graph | - | 3,000 (x1.20) |" in table
+    goals = report.goals()
+    assert ("| minilm training 16x128: bert4k >= keras-hub, head to head | "
+            "bert4k-tf-graph vs keras-hub-tf-xla: x1.20 | yes |") in goals
+    assert "| minilm inference 8x128: bert4k >= keras-hub, head to head | bert4k-tf-xla vs keras-hub-tf-xla: x0.90 | no |" in goals
+
+
 def test_benchmark_interleaved_measurement_calls_each_in_turn(benchmark):
     calls = []
     results = benchmark.workers.measure_interleaved(
