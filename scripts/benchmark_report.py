@@ -45,6 +45,11 @@ class Report:
     def select(self, **criteria):
         return [r for r in self.records if all(r.get(k) == v for k, v in criteria.items())]
 
+    def shapes(self, kind, model):
+        """The (batch, length) shapes measured, by length then batch."""
+        found = {(r["batch"], r["length"]) for r in self.select(kind=kind, model=model)}
+        return sorted(found, key=lambda shape: (shape[1], shape[0]))
+
     def one(self, **criteria):
         found = self.select(**criteria)
         return found[0] if found else None
@@ -232,8 +237,7 @@ class Report:
                 "both alike. Inference in one process, fine-tuning steps in another.", ""]
         for model in self.d.args.models:
             columns = [(kind, shape) for kind in ("headtohead", "headtohead-training")
-                       for shape in sorted({(r["batch"], r["length"]) for r in self.select(kind=kind, model=model)},
-                                           key=lambda s: (s[1], s[0]))]
+                       for shape in self.shapes(kind, model)]
             if not columns:
                 continue
             titles = [("train " if kind == "headtohead-training" else "") + f"{b}x{n}"
@@ -355,7 +359,7 @@ class Report:
                                 f"{fmt(theirs['tokens_per_s'])} tokens/s (x{ratio:.2f})", ratio >= 1.0)
         for model in self.d.args.models:
             for kind, what in (("headtohead", "inference"), ("headtohead-training", "training")):
-                for shape in sorted({(r["batch"], r["length"]) for r in self.select(kind=kind, model=model)}):
+                for shape in self.shapes(kind, model):
                     mine = self.best("bert4k-", model, kind, shape)
                     theirs = self.best("keras-hub-", model, kind, shape)
                     if mine and theirs:
