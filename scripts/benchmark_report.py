@@ -38,7 +38,6 @@ class Report:
         self.d = driver
         self.records = best_passes(driver.records)
         peaks = [r for r in self.records if r["kind"] == "peak" and "gflops" in r]
-        self.peaks = peaks
         self.peak32 = max((r["gflops"] for r in peaks if r["dtype"] == "float32"), default=None)
         self.peak16 = max((r["gflops"] for r in peaks if r["dtype"] == "bfloat16"), default=None)
 
