@@ -192,13 +192,21 @@ class KerasRunner:
         model.compile(**self.compile_options())
         return lambda tokens, segments: to_numpy(model.predict_on_batch([tokens, segments]))
 
+    def fine_tuning_optimizer(self):
+        """The AdamW a library's users fine-tune with: bert4k's on TensorFlow (one fused kernel
+        per variable), Keras's elsewhere (on PyTorch Keras's own runs torch's multi-tensor ops)."""
+        keras = self.keras
+        if self.impl == "bert4k" and keras.backend.backend() == "tensorflow":
+            return bert4k_adamw()
+        return keras.optimizers.AdamW(learning_rate=2e-5)
+
     def classifier(self, optimizer=None):
-        """pooled [CLS] -> Dense(2) softmax, compiled for training (default: Keras's AdamW)."""
+        """pooled [CLS] -> Dense(2) softmax, compiled for training (default: fine_tuning_optimizer)."""
         keras = self.keras
         encoder = self.build(pooled=True, training=True)
         probabilities = keras.layers.Dense(2, activation="softmax", name="Classifier")(encoder.output)
         model = keras.Model(encoder.inputs, probabilities)
-        optimizer = optimizer or keras.optimizers.AdamW(learning_rate=2e-5)
+        optimizer = optimizer or self.fine_tuning_optimizer()
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                       **self.compile_options())
         return model
@@ -206,6 +214,14 @@ class KerasRunner:
     def training(self):
         model = self.classifier()
         return lambda tokens, segments, labels: model.train_on_batch([tokens, segments], labels)
+
+
+def bert4k_adamw(base=None):
+    """`extend_with_weight_decay(Adam)` as BERT fine-tunes: LayerNorm and biases not decayed."""
+    from bert4k import optimizers as O
+
+    AdamW = O.extend_with_weight_decay(base or O.Adam, name=f"Benchmark{(base or O.Adam).__name__}W")
+    return AdamW(learning_rate=2e-5, weight_decay_rate=0.01, exclude_from_weight_decay=["Norm", "bias"])
 
 
 def to_numpy(value):
@@ -426,7 +442,8 @@ def worker_optimizer(job):
     """bert4k's Adam (TensorFlow's fused ResourceApplyAdam kernel) against Keras's optimizers and
     against itself with the kernel turned off: one update of a model's trainable variables (fixed
     dense gradients), the optimizers' calls interleaved; then whole training steps of the
-    classifier with `extend_with_weight_decay(Adam)`, kernel on and off, interleaved."""
+    classifier with `extend_with_weight_decay(Adam)`, kernel on and off, and with Keras's AdamW,
+    interleaved."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -437,9 +454,6 @@ def worker_optimizer(job):
         def _takes_fused_kernel(self, variable):
             return False
 
-    AdamW = O.extend_with_weight_decay(O.Adam, name="BenchAdamW")
-    AdamWKernelOff = O.extend_with_weight_decay(KernelOff, name="BenchAdamWKernelOff")
-    decay = dict(weight_decay_rate=0.01, exclude_from_weight_decay=["Norm", "bias"])
     runner = KerasRunner(dict(job, variant="bert4k-tf-graph", impl="bert4k", mode="graph",
                               precision="float32"))
     variables = runner.build(pooled=True, training=True).trainable_variables
@@ -450,7 +464,7 @@ def worker_optimizer(job):
         "keras.optimizers.AdamW": keras.optimizers.AdamW(2e-5),
         "bert4k Adam": O.Adam(2e-5),
         "bert4k Adam, kernel off": KernelOff(2e-5),
-        "bert4k extend_with_weight_decay(Adam)": AdamW(2e-5, **decay),
+        "bert4k extend_with_weight_decay(Adam)": bert4k_adamw(),
     }
     updates = {}
     for name, optimizer in optimizers.items():
@@ -463,11 +477,13 @@ def worker_optimizer(job):
     batch, length = job["train"]
     tokens, segments, labels = make_inputs(batch, length)
     steps = {}
-    for name, optimizer_class in (("kernel on", AdamW), ("kernel off", AdamWKernelOff)):
-        model = runner.classifier(optimizer_class(2e-5, **decay))
+    for name, optimizer in (("bert4k AdamW, kernel on", bert4k_adamw()),
+                            ("bert4k AdamW, kernel off", bert4k_adamw(KernelOff)),
+                            ("keras.optimizers.AdamW", keras.optimizers.AdamW(2e-5))):
+        model = runner.classifier(optimizer)
         steps[name] = lambda model=model: model.train_on_batch([tokens, segments], labels)
     for name, times in measure_interleaved(steps, **job["timing"]).items():
-        emit(dict(kind="optimizer_step", kernel=name, model=job["model"], batch=batch,
+        emit(dict(kind="optimizer_step", optimizer=name, model=job["model"], batch=batch,
                   length=length, **times, tokens_per_s=batch * length / times["seconds"]))
 
 

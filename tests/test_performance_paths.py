@@ -733,6 +733,23 @@ def test_benchmark_reports_the_head_to_head_fine_tuning_steps(benchmark):
             "bert4k-tf-xla vs keras-hub-tf-xla: x0.90 | no |") in goals
 
 
+def test_benchmark_fine_tunes_each_library_with_its_users_adamw(benchmark):
+    """bert4k's training rows on TensorFlow step with bert4k's AdamW (its fused Adam kernel, BERT's
+    decay exclusions); keras-hub's, and bert4k's on other backends, with Keras's AdamW."""
+    from bert4k import optimizers as O
+
+    job = dict(mode="graph", model="minilm", precision="float32", variant="unused")
+    mine = benchmark.workers.KerasRunner(dict(job, impl="bert4k")).fine_tuning_optimizer()
+    peer = benchmark.workers.KerasRunner(dict(job, impl="keras-hub")).fine_tuning_optimizer()
+    assert type(peer) is keras.optimizers.AdamW
+    if keras.backend.backend() != "tensorflow":
+        assert type(mine) is keras.optimizers.AdamW
+        return
+    assert isinstance(mine, O.Adam) and mine.weight_decay_rate == 0.01
+    assert mine.weight_decay_exclusions == ["Norm", "bias"]
+    assert mine._takes_fused_kernel(keras.Variable(np.zeros((2, 2), "float32")))
+
+
 def test_benchmark_interleaved_measurement_calls_each_in_turn(benchmark):
     calls = []
     results = benchmark.workers.measure_interleaved(
