@@ -234,6 +234,39 @@ def test_weight_decay_skips_exclusions_and_matches_decoupled_closed_form(base):
     assert_histories_close(history, numpy_run(initial, gradients, step_fn))
 
 
+def test_weight_decay_scales_first_only_where_nothing_else_reads_the_value():
+    """The decay commutes with a step that does not read the variable (it then scales the
+    variable first); under gradient accumulation, whose assignments are masked, the result is
+    still AdamW's closed form, one update per two micro-steps."""
+    lr, rate = 0.01, 0.05
+    decay = dict(learning_rate=lr, weight_decay_rate=rate, exclude_from_weight_decay=["Norm", "bias"])
+    AdamW = O.extend_with_weight_decay(O.Adam, name="TestFirstAdamW")
+    assert AdamW(**decay)._decays_first()
+    assert O.extend_with_piecewise_linear_lr(AdamW, name="TestFirstAdamWLR")(**decay)._decays_first()
+    assert not O.extend_with_layer_adaptation(AdamW, name="TestFirstLamb")(**decay)._decays_first()
+    assert not O.extend_with_weight_decay(O.AdaFactor, name="TestFirstAdaFactorW")(
+        **decay)._decays_first()
+    assert not O.extend_with_weight_decay(O.extend_with_lookahead(O.Adam),
+                                          name="TestFirstLookaheadW")(**decay)._decays_first()
+
+    Accumulating = O.extend_with_gradient_accumulation(AdamW, name="TestFirstAccumAdamW")
+    optimizer = Accumulating(grad_accum_steps=2, **decay)
+    assert optimizer._decays_first()
+    variables = layer_variables()
+    initial, gradients = values(variables), fixed_gradients(variables, steps=4)
+    history = apply_steps(optimizer, variables, gradients)
+
+    adams = [NumpyAdam(lr) for _ in variables]
+    decayed = [True, False, False, False]
+
+    def adamw(i, x, g, t):
+        return x + adams[i].delta(g, t) - (lr * rate * x if decayed[i] else 0.0)
+
+    means = [[(a + b) / 2 for a, b in zip(gradients[k], gradients[k + 1])] for k in (0, 2)]
+    updates = numpy_run(initial, means, adamw)
+    assert_histories_close(history, [initial, updates[0], updates[0], updates[1]])
+
+
 def test_layer_adaptation_over_weight_decay_is_lamb():
     variables = layer_variables()
     initial, gradients = values(variables), fixed_gradients(variables)
