@@ -225,7 +225,8 @@ class Report:
                             f"{r['seconds'] * 1000:.0f} | {ratio} |")
         rows += ["", "| model | training step | seconds/step | tokens/s | x |", "|---|---|---:|---:|---:|"]
         for model in self.d.args.optimizer_models:
-            steps = {r.get("optimizer") or f"bert4k AdamW, {r['kernel']}": r  # runs before 2026-12-03 had no Keras row
+            # Records of runs before 2026-12-03 name the kernel, not the optimizer.
+            steps = {r.get("optimizer") or f"bert4k AdamW, {r['kernel']}": r
                      for r in self.select(kind="optimizer_step", model=model)}
             reference = steps.get("keras.optimizers.AdamW")
             for name, r in steps.items():
