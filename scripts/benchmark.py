@@ -41,7 +41,8 @@ What is measured and how:
   'cores busy' (2 = both cores; less: the work did not spread, or another process took a core).
 * Fine-tuning: a classifier (pooled [CLS] -> Dense(2) softmax, sparse cross-entropy, AdamW 2e-5,
   dropout 0.1 as in the configs) at 16x128: Keras `train_on_batch`; torch forward, backward,
-  AdamW step.
+  AdamW step. The AdamW is bert4k's `extend_with_weight_decay(Adam)` for bert4k on TensorFlow,
+  Keras's for the other Keras variants, torch.optim.AdamW for transformers.
 * Head to head: bert4k's and keras-hub's graph and XLA variants in one process (keras-hub's
   environment), calls interleaved: their inference at every shape, then, in a second process,
   their fine-tuning steps.
@@ -49,8 +50,8 @@ What is measured and how:
   `ResourceApplyAdam` kernel per variable, against Keras's Adam and AdamW and against itself with
   the kernel turned off: one update of the classifier's trainable variables (fixed dense
   gradients), calls interleaved; then the classifier's `train_on_batch` at 16x128 with
-  `extend_with_weight_decay(Adam)`, kernel on and off, interleaved (--optimizer-models, default
-  the --models).
+  `extend_with_weight_decay(Adam)`, kernel on and off, and with Keras's AdamW, interleaved
+  (--optimizer-models, default the --models).
 * Fine-tuning from a Python generator: the same classifier (bert4k-tf-graph, MiniLM, 16x128),
   `model.fit` on an endless generator of 8 fixed batches as the first thing in a fresh process,
   from `DataGenerator.forfit` and from a plain generator; 5 warm-up steps, then the median step

@@ -220,7 +220,8 @@ def bert4k_adamw(base=None):
     """`extend_with_weight_decay(Adam)` as BERT fine-tunes: LayerNorm and biases not decayed."""
     from bert4k import optimizers as O
 
-    AdamW = O.extend_with_weight_decay(base or O.Adam, name=f"Benchmark{(base or O.Adam).__name__}W")
+    base = base or O.Adam
+    AdamW = O.extend_with_weight_decay(base, name=f"Benchmark{base.__name__}W")
     return AdamW(learning_rate=2e-5, weight_decay_rate=0.01, exclude_from_weight_decay=["Norm", "bias"])
 
 
