@@ -71,7 +71,7 @@ class Report:
             f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in d.load_before)}; "
             f"after: {', '.join(f'{x:.2f}' for x in d.load_after)}; wall time {d.wall / 60:.1f} min"
             + (" (--quick)" if a.quick else ""),
-            f"- timing: up to {a.warmup} warm-up call(s) (the first compiles), then the "
+            f"- timing: {a.warmup} warm-up call(s) (the first compiles), then the "
             f"{a.statistic} of at least {a.min_reps} calls and {a.min_time:g} s. 'cores busy' = the "
             "process's CPU time / wall time: under 2 means the work did not spread over both "
             "cores, or another process was competing for them",

@@ -6,6 +6,7 @@ Speed itself is measured by scripts/benchmark.py, never here."""
 
 import math
 import sys
+import time
 
 import keras
 import numpy as np
@@ -748,6 +749,19 @@ def test_benchmark_fine_tunes_each_library_with_its_users_adamw(benchmark):
     assert isinstance(mine, O.Adam) and mine.weight_decay_rate == 0.01
     assert mine.weight_decay_exclusions == ["Norm", "bias"]
     assert mine._takes_fused_kernel(keras.Variable(np.zeros((2, 2), "float32")))
+
+
+def test_benchmark_measurement_warms_up_fully_even_when_slow(benchmark):
+    """A slow first call (a compile) does not cut the warm-up short: the second call is not timed."""
+    calls = []
+
+    def call():
+        calls.append(len(calls))
+        time.sleep(0.05 if len(calls) == 1 else 0.0)
+
+    results = benchmark.workers.measure(call, warmup=2, min_time=0.01, min_reps=3)
+    assert len(calls) == 2 + results["reps"] and results["reps"] >= 3
+    assert results["first_call"] >= 0.05 > results["min_seconds"]
 
 
 def test_benchmark_interleaved_measurement_calls_each_in_turn(benchmark):
