@@ -750,21 +750,25 @@ _SIXTEEN_BIT_DROPOUTS = {"tensorflow": _tensorflow_dropout, "jax": _jax_dropout}
 
 @register
 class SelectToken(keras.layers.Layer):
-    """Hidden state of one position ([CLS] by default), the pooler's input."""
+    """Hidden state of one position ([CLS] by default), the pooler's input; with keepdims, as a
+    sequence of length 1."""
 
-    def __init__(self, index=0, **kwargs):
+    def __init__(self, index=0, keepdims=False, **kwargs):
         super().__init__(**kwargs)
         self.index = index
+        self.keepdims = keepdims
 
     def call(self, inputs):
+        if self.keepdims:
+            return inputs[:, self.index:self.index + 1] if self.index != -1 else inputs[:, -1:]
         return inputs[:, self.index]
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0],) + tuple(input_shape[2:])
+        return (input_shape[0],) + ((1,) if self.keepdims else ()) + tuple(input_shape[2:])
 
     def get_config(self):
         config = super().get_config()
-        config.update(index=self.index)
+        config.update(index=self.index, keepdims=self.keepdims)
         return config
 
 

@@ -419,6 +419,31 @@ class BERT(Transformer):
                           offset=self.position_offset, embeddings_initializer=self.initializer,
                           name="Embedding-Position")
 
+    def apply_main_layers(self, x, index):
+        """The last block of a model whose only output is the pooler (or NSP) is built twice from
+        the same layers: over the whole sequence, which the model does not run but which
+        `get_layer(...).output` still gives (Keras returns a layer's first call), and at the first
+        position alone, queries [CLS] and keys every position, which the model runs: at length 128
+        that skips 5/6 of the block (7% of BERT-base's encoder), and the pooled output is the same."""
+        sequence = super().apply_main_layers(x, index)
+        if index < self.num_hidden_layers - 1 or not self.pools_first_position_only():
+            return sequence
+        block = self.block_name(index)
+        first = self.apply(x, L.SelectToken, index=0, keepdims=True, name=f"{block}-First-Position")
+        first = self.apply_residual(
+            first, L.MultiHeadAttention, f"{block}-MultiHeadSelfAttention",
+            sublayer_inputs=lambda h: [h, x, x], arguments=self.attention_arguments(index))
+        return self.apply_residual(first, L.FeedForward, f"{block}-FeedForward")
+
+    def pools_first_position_only(self):
+        """Whether nothing but the pooler reads the last block, and its first position depends on
+        the others only through attention's keys and values (post-norm, padding mask, no position
+        bias, residual scores, layer-norm condition or decoding cache)."""
+        return (self.with_pool and not self.with_mlm and not self.pre_norm
+                and self.attention_mode() == "padding" and self.position_bias is None
+                and not self.residual_attention_scores and self.layer_norm_condition is None
+                and self.decoding is None)
+
     def apply_final_layers(self, x):
         """bert4keras's output convention: the sequence alone; with heads, only the heads."""
         outputs = [x]

@@ -75,10 +75,15 @@ TOKENIZERS = {  # name -> environment
 }
 
 
-def flops_per_token(model, length, training=False):
+def flops_per_token(model, length, training=False, pooled_only=False):
+    """Encoder matmul FLOPs a token. pooled_only: the last block runs its queries, attention
+    output and feed-forward at the first position alone (bert4k's pooled-only models), which
+    spares (length - 1) / length of them."""
     c = MODELS[model]
     layers, hidden, inner = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
     forward = layers * (2 * (4 * hidden * hidden + 2 * hidden * inner) + 4 * length * hidden)
+    if pooled_only:
+        forward -= (length - 1) / length * (2 * (2 * hidden * hidden + 2 * hidden * inner) + 4 * length * hidden)
     return 3 * forward if training else forward
 
 

@@ -57,7 +57,8 @@ class Report:
         peak = peak or self.peak32
         if not record or not peak:
             return None
-        flops = flops_per_token(record["model"], record["length"], training)
+        flops = flops_per_token(record["model"], record["length"], training,
+                                record.get("pooled_only", False))
         return record["tokens_per_s"] * flops / (peak * 1e9)
 
     def markdown(self):
@@ -135,7 +136,10 @@ class Report:
                              for n in sorted({s[1] for s in shapes}))
                  + "; training step 3x. Training: a classifier step with AdamW, bert4k's "
                  "(`extend_with_weight_decay(Adam)`) for bert4k on TensorFlow, Keras's for the other "
-                 "Keras variants, torch.optim.AdamW for transformers."
+                 "Keras variants, torch.optim.AdamW for transformers. bert4k's classifier (`with_pool`) "
+                 "runs its last block at [CLS] alone: its % counts the "
+                 f"{fmt(flops_per_token(model, TRAIN_SHAPE[1], True, True) / 1e6, 1)} M FLOPs a token "
+                 f"it runs, the others' {fmt(flops_per_token(model, TRAIN_SHAPE[1], True) / 1e6, 1)} M."
                  + f" L={c['num_hidden_layers']}, H={c['hidden_size']}, "
                  f"I={c['intermediate_size']}.\n")
         header = ("| variant | " + " | ".join(f"{b}x{n}" for b, n in shapes)

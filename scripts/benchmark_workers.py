@@ -205,6 +205,9 @@ class KerasRunner:
         encoder = self.build(pooled=True, training=True)
         probabilities = keras.layers.Dense(2, activation="softmax", name="Classifier")(encoder.output)
         model = keras.Model(encoder.inputs, probabilities)
+        # bert4k's pooled-only encoder runs its last block at [CLS] alone: the report counts the
+        # FLOPs it runs (benchmark_plan.flops_per_token).
+        self.pooled_only = any(layer.name.endswith("-First-Position") for layer in model.layers)
         optimizer = optimizer or self.fine_tuning_optimizer()
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                       **self.compile_options())
@@ -347,11 +350,12 @@ def worker_group(job):
     import numpy as np
 
     training = bool(job.get("train"))
-    calls = {}
+    calls, pooled_only = {}, {}
     for member in job["group"]:
         started = time.perf_counter()
         runner = make_runner(dict(job, **member))
         calls[member["variant"]] = runner.training() if training else runner.inference()
+        pooled_only[member["variant"]] = getattr(runner, "pooled_only", False)
         emit(dict(variant=member["variant"], model=job["model"], kind="load",
                   seconds=time.perf_counter() - started))
     for index, (batch, length) in enumerate([job["train"]] if training else job["shapes"]):
@@ -365,7 +369,8 @@ def worker_group(job):
                 np.save(member["save_output"], calls[name](tokens, segments)[0])
             emit(dict(variant=name, model=job["model"], kind=job.get("kind", "inference"),
                       batch=batch, length=length, interleaved=True, **results[name],
-                      tokens_per_s=batch * length / results[name]["seconds"], rss_mib=rss_mib()))
+                      tokens_per_s=batch * length / results[name]["seconds"], rss_mib=rss_mib(),
+                      pooled_only=pooled_only[name]))
 
 
 def worker_model(job):
@@ -393,7 +398,8 @@ def worker_model(job):
         step = runner.training()
         times = measure(lambda: step(tokens, segments, labels), **timing)
         emit(dict(base, kind="training", batch=batch, length=length, **times,
-                  tokens_per_s=batch * length / times["seconds"], rss_mib=rss_mib()))
+                  tokens_per_s=batch * length / times["seconds"], rss_mib=rss_mib(),
+                  pooled_only=getattr(runner, "pooled_only", False)))
 
 
 def worker_generator_fit(job):

@@ -71,6 +71,29 @@ def test_with_pool_activation_and_linear_mlm(tiny_config):
     assert not np.allclose(logits.sum(-1), 1.0)  # logits, not probabilities
 
 
+@pytest.mark.parametrize("family", ["bert", "albert", "nezha"])
+def test_pooled_only_model_runs_its_last_block_at_the_first_position(tiny_config, family):
+    """With the pooler as its only output, the model runs its last block for [CLS] alone (NEZHA,
+    whose relative positions enter attention, runs it whole): the pooled output is still the
+    closed form of the first position of the whole-sequence model with the same weights."""
+    model = build_transformer_model(model=family, with_pool=True, **tiny_config)
+    whole = build_transformer_model(model=family, **tiny_config)
+    for layer in whole.layers:
+        layer.set_weights(model.get_layer(layer.name).get_weights())
+    ids, segments = random_batch()
+    pooled = model.predict([ids, segments], verbose=0)
+    sequence = whole.predict([ids, segments], verbose=0)
+    w_pool, b_pool = model.get_layer("Pooler-Dense").get_weights()
+    np.testing.assert_allclose(pooled, np.tanh(sequence[:, 0] @ w_pool + b_pool), atol=1e-5)
+    first_only = any(layer.name.endswith("-First-Position") for layer in model.layers)
+    assert first_only == (family != "nezha")
+    hidden = tiny_config["hidden_size"]
+    assert tuple(model.get_layer("Pooler").input.shape[1:]) == ((1,) if first_only else (None,)) + (hidden,)
+    if family == "bert":  # a layer's output is its first call's: the whole sequence, as before
+        np.testing.assert_allclose(
+            layer_output(model, "Transformer-1-FeedForward-Norm", [ids, segments]), sequence, atol=1e-6)
+
+
 def test_mlm_output_is_tied_to_token_embeddings(tiny_config):
     model = build_transformer_model(with_mlm=True, **tiny_config)
     embedding = model.get_layer("Embedding-Token")

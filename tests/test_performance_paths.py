@@ -678,6 +678,25 @@ def test_benchmark_flops_count_every_matmul(benchmark):
     assert benchmark.plan.flops_per_token("base", length, training=True) == 3 * per_token
 
 
+@pytest.mark.parametrize("model", ["minilm", "base"])
+def test_benchmark_flops_of_a_pooled_only_encoder_count_its_last_block_per_sequence(benchmark, model):
+    """A sequence's matmuls one by one when the last block queries the first position alone."""
+    c = benchmark.plan.MODELS[model]
+    layers, hidden, inner = c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]
+    n = 128
+
+    def block(queries):  # one sequence's FLOPs; keys and values at all n positions
+        flops = 2 * n * hidden * hidden * 2  # k, v projections
+        flops += 2 * queries * hidden * hidden * 2  # q and output projections
+        flops += 2 * queries * n * hidden * 2  # q . k and probabilities . v
+        return flops + 2 * queries * hidden * inner * 2  # feed-forward
+
+    per_sequence = (layers - 1) * block(n) + block(1)
+    expected = per_sequence / n
+    assert benchmark.plan.flops_per_token(model, n, pooled_only=True) == pytest.approx(expected, rel=1e-12)
+    assert benchmark.plan.flops_per_token(model, n, True, True) == pytest.approx(3 * expected, rel=1e-12)
+
+
 def test_benchmark_keeps_each_measurements_best_pass(benchmark):
     record = dict(kind="inference", variant="bert4k-tf-graph", model="minilm", batch=8, length=128)
     records = [dict(record, tokens_per_s=5.0), dict(record, tokens_per_s=7.0),
@@ -705,6 +724,23 @@ def test_benchmark_sets_figures_against_the_fastest_peak_of_the_run(benchmark):
     table = report.peak_table()
     assert "| tensorflow | 427 (slowest of 3: 352) | 700 |" in table
     assert "| torch | 171 | - |" in table
+
+
+def test_benchmark_percent_of_a_training_row_counts_the_flops_it_ran(benchmark):
+    """A classifier whose encoder ran its last block at [CLS] alone (the record says so) is set
+    against the FLOPs it ran, not the whole encoder's."""
+    import types
+
+    step = dict(kind="training", variant="v", model="base", batch=16, length=128, tokens_per_s=600.0)
+    records = [dict(kind="peak", env="main", library="tensorflow", dtype="float32", gflops=400.0),
+               dict(step, pooled_only=True), dict(step, variant="w")]
+    report = benchmark.report.Report(types.SimpleNamespace(
+        records=records, args=types.SimpleNamespace(matmul_size=3072)))
+    ran = benchmark.plan.flops_per_token("base", 128, training=True, pooled_only=True)
+    whole = benchmark.plan.flops_per_token("base", 128, training=True)
+    assert ran < whole
+    assert report.fraction(report.one(variant="v"), True) == pytest.approx(600.0 * ran / 400e9)
+    assert report.fraction(report.one(variant="w"), True) == pytest.approx(600.0 * whole / 400e9)
 
 
 def test_benchmark_reports_the_head_to_head_fine_tuning_steps(benchmark):
