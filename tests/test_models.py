@@ -213,6 +213,18 @@ def test_keras_save_and_safe_load_give_identical_outputs(tiny_config, tmp_path, 
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in loaded.layers)
 
 
+def test_pooled_only_model_saves_and_loads_with_identical_outputs(tiny_config, tmp_path):
+    """The last block's whole-sequence call, which the model does not run, is not saved: the
+    loaded model runs the first-position call and gives the same pooled output."""
+    model = build_transformer_model(with_pool=True, dropout_rate=0.1, **tiny_config)
+    ids, segments = random_batch()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(model.predict([ids, segments], verbose=0),
+                                  loaded.predict([ids, segments], verbose=0))
+    assert "Transformer-1-First-Position" in [layer.name for layer in loaded.layers]
+
+
 def test_every_layer_round_trips_its_config(tiny_config):
     model = build_transformer_model(with_nsp=True, with_mlm=True, **tiny_config)
     for layer in model.layers:
